@@ -1,0 +1,198 @@
+"""Typed configuration: every knob of the pipeline, read from ``params.yaml``.
+
+The CLI, the Prefect flows and ``dvc.yaml`` all read the same file through
+:func:`load_config`, so a value means the same thing wherever it is used.
+Unknown keys are rejected (``extra="forbid"``): a typo in ``params.yaml`` is an
+error that names the key, not a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+HEAD_NAMES = ("image_only", "text_only", "concat", "gated", "add", "late", "attention")
+UNIMODAL_HEADS = ("image_only", "text_only")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message says which and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Columns(_Section):
+    """Names of the manifest's columns. ``id``, ``split`` and ``group`` are optional."""
+
+    image: str = "image"
+    text: str = "text"
+    label: str = "label"
+    id: str = "id"
+    split: str = "split"
+    group: str = "group"
+
+
+class SplitConfig(_Section):
+    """Used only when the manifest has no split column: a stratified, grouped split by seed."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+
+
+class DataConfig(_Section):
+    manifest: str = "data/demo/manifest.csv"
+    data_root: str | None = None  # default: the manifest's folder
+    columns: Columns = Columns()
+    split: SplitConfig = SplitConfig()
+
+
+class DemoConfig(_Section):
+    """The embedded demo dataset (see ``crossmodal.data.demo``)."""
+
+    rows: int = Field(1500, ge=60, le=20000)
+    seed: int = 7
+    image_size: int = Field(96, ge=32, le=512)
+    label_noise: float = Field(0.02, ge=0, lt=0.5)
+    bad_rows: bool = True  # append a few deliberately broken rows to show the quarantine
+
+
+class ValidationConfig(_Section):
+    max_quarantine_fraction: float = Field(0.2, ge=0, le=1)
+    min_text_chars: int = Field(1, ge=0)
+    max_text_chars: int = Field(5000, ge=1)
+    max_image_bytes: int = Field(25_000_000, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)  # decompression-bomb guard
+    min_rows_per_class: int = Field(2, ge=1)
+    labels: list[str] | None = None  # the allowed labels; None accepts any label
+
+
+class ImageEncoderConfig(_Section):
+    name: str = "efficientnet_lite0"
+    image_size: int = Field(224, ge=32, le=1024)
+    batch_size: int = Field(32, ge=1)
+
+
+class TextEncoderConfig(_Section):
+    name: str = "all-MiniLM-L6-v2"
+    max_length: int = Field(128, ge=8, le=4096)
+    batch_size: int = Field(64, ge=1)
+
+
+class EncodersConfig(_Section):
+    image: ImageEncoderConfig = ImageEncoderConfig()
+    text: TextEncoderConfig = TextEncoderConfig()
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware is fast at it
+    num_workers: int = Field(0, ge=0)  # image decoding workers; 0 decodes in the main process
+
+
+class TrainConfig(_Section):
+    heads: list[str] = Field(default_factory=lambda: list(HEAD_NAMES))
+    hidden_dim: int = Field(256, ge=8)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
+    max_epochs: int = Field(60, ge=1)
+    patience: int = Field(8, ge=1)  # early stopping on validation macro-F1
+    class_weights: bool = True
+    seed: int = 0
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, heads: list[str]) -> list[str]:
+        unknown = [h for h in heads if h not in HEAD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown head(s) {unknown}; choose from {list(HEAD_NAMES)}")
+        if not heads:
+            raise ValueError("train.heads is empty; name at least one head")
+        return list(dict.fromkeys(heads))
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under mlflow/
+    artifact_root: str = "mlflow/artifacts"
+    experiment: str = "crossmodal"
+    model_name: str = "crossmodal-fusion"
+
+
+class PromotionConfig(_Section):
+    metric: Literal["macro_f1", "accuracy", "roc_auc"] = "macro_f1"
+    min_improvement: float = Field(0.005, ge=0)  # challenger must beat champion by more than this
+
+
+class PathsConfig(_Section):
+    work: str = "work"  # per-run outputs (validated table, trained heads)
+    cache: str = ".cache/crossmodal"  # content-addressed feature cache shared by all runs
+    reports: str = "reports"
+    summary: str = "reports/summary.json"
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    demo: DemoConfig = DemoConfig()
+    validation: ValidationConfig = ValidationConfig()
+    encoders: EncodersConfig = EncodersConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> Config:
+        cols = self.data.columns.model_dump()
+        seen: dict[str, str] = {}
+        for role, name in cols.items():
+            if name in seen:
+                raise ValueError(f"data.columns.{role} and data.columns.{seen[name]} both name column {name!r}")
+            seen[name] = role
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "configuration") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``params.yaml`` (defaults when ``path`` is None or absent) and apply dotted overrides.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"train.lr": 0.01}``.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+        node[leaf] = value
+    return from_dict(data, source)

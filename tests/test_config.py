@@ -1,0 +1,39 @@
+"""Configuration: params.yaml equals the defaults, and bad configs fail with a message naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from crossmodal.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_matches_defaults():
+    assert load_config(ROOT / "params.yaml") == Config()
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    assert load_config(tmp_path / "absent.yaml") == Config()
+
+
+def test_dotted_overrides(tmp_path):
+    cfg = load_config(None, {"train.lr": 0.01, "data.columns.text": "caption"})
+    assert cfg.train.lr == 0.01 and cfg.data.columns.text == "caption"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  lrr: 0.1\n", "train.lrr: unknown key"),
+    ("train:\n  optimizer: lion\n", "train.optimizer"),
+    ("train:\n  heads: [concat, fancy]\n", "unknown head(s) ['fancy']"),
+    ("promotion:\n  metric: loss\n", "promotion.metric"),
+    ("data:\n  columns: {image: x, text: x}\n", "both name column 'x'"),
+    ("- just\n- a list\n", "must hold a mapping"),
+    ("train: [unclosed\n", "not valid YAML"),
+])
+def test_invalid_configs_name_the_problem(tmp_path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value)
