@@ -1,0 +1,149 @@
+"""Read a manifest (CSV, JSON Lines or Parquet) into the canonical row table.
+
+Usage::
+
+    from crossmodal.config import Columns
+    from crossmodal.data import read_manifest
+    df = read_manifest("data/demo/manifest.csv", Columns())          # or Columns(text="caption")
+
+The result always has the columns ``_row, id, image, text, label, split, group``
+(``_row`` is the 0-based row number in the file; ``split``/``group`` are None when the
+manifest has no such column; ``id`` is ``"row-<_row>"`` when it has no id column).
+
+Values are kept *raw*: nothing is stripped or cleaned here, so that validation can say
+exactly what was wrong with a row. Missing cells become None. Bytes that are not valid
+UTF-8 are kept as lone surrogates (``surrogateescape``) instead of failing the whole
+file; ``crossmodal.validate`` quarantines those rows and names them. Labels, ids, splits
+and groups are converted to ``str`` (a numeric label 1 becomes "1").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from crossmodal.config import Columns
+
+CANONICAL = ["_row", "id", "image", "text", "label", "split", "group"]
+REQUIRED_ROLES = ("image", "text", "label")
+OPTIONAL_ROLES = ("id", "split", "group")
+_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DataError(ValueError):
+    """A problem with the input data that the user can fix; the message names file, column or row."""
+
+
+def _is_missing(v: Any) -> bool:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _as_text(v: Any) -> str | None:
+    """Raw value -> str (None stays None). Bytes (Parquet binary columns) decode like the CSV reader."""
+    if _is_missing(v):
+        return None
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", errors="surrogateescape")
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # a label column read as float (1.0 because of a missing cell) means "1"
+    return v if isinstance(v, str) else str(v)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        # utf-8-sig drops a byte-order mark (Excel writes one); surrogateescape keeps invalid
+        # bytes as lone surrogates so one bad cell quarantines one row instead of the file.
+        # Only an empty cell is missing: the strings "NA" or "null" may well be real labels.
+        return pd.read_csv(path, encoding="utf-8-sig", encoding_errors="surrogateescape", dtype=object,
+                           keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"manifest {path} is empty: it has no header and no rows") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"manifest {path} is not valid CSV: {err}. Check quoting and the number of "
+                        "fields on that line.") from None
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    records: list[dict[str, Any]] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.decode("utf-8", errors="surrogateescape")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue  # blank lines (often a trailing newline) carry no row
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"manifest {path}, line {lineno}: not valid JSON ({err.msg} at column "
+                                f"{err.colno}). Each line must hold one JSON object.") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"manifest {path}, line {lineno}: expected a JSON object "
+                                f"{{\"image\": ..., \"text\": ..., \"label\": ...}}, got {type(obj).__name__}")
+            records.append(obj)
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types (ArrowInvalid, OSError) for a bad file
+        raise DataError(f"manifest {path} is not a readable Parquet file: {err}") from None
+    # to_pylist keeps Python objects (no string-dtype conversion that could mangle bytes).
+    return pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object)
+                         for name in table.column_names})
+
+
+def read_manifest(path: str | Path, columns: Columns | None = None) -> pd.DataFrame:
+    """Read ``path`` and return the canonical frame (see the module docstring)."""
+    columns = columns or Columns()
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"manifest {path} does not exist. Check data.manifest in params.yaml "
+                        "(or run `crossmodal demo` to generate the demo dataset).")
+    if path.is_dir():
+        raise DataError(f"manifest {path} is a directory; point data.manifest at a .csv, .jsonl or .parquet file")
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"manifest {path} has an unsupported extension {path.suffix!r}; "
+                        f"use one of {sorted(_SUFFIXES)}")
+    raw = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}[kind](path)
+    if len(raw) == 0:
+        raise DataError(f"manifest {path} is empty: it has no data rows")
+
+    available = [str(c) for c in raw.columns]
+    mapping = columns.model_dump()
+    defaults = Columns().model_dump()
+    missing = [f"{role} (column {mapping[role]!r})" for role in REQUIRED_ROLES if mapping[role] not in available]
+    if missing:
+        raise DataError(f"manifest {path} lacks required column(s) {', '.join(missing)}. Available columns: "
+                        f"{available}. Rename them in the file or map them in data.columns of params.yaml.")
+    # An optional column left at its default name may be absent; one the user mapped explicitly
+    # to another name must exist, otherwise the mapping is a typo that would be silently ignored.
+    unknown = [f"{role} -> {mapping[role]!r}" for role in OPTIONAL_ROLES
+               if mapping[role] != defaults[role] and mapping[role] not in available]
+    if unknown:
+        raise DataError(f"manifest {path}: data.columns maps {', '.join(unknown)}, but no such column exists. "
+                        f"Available columns: {available}.")
+
+    n = len(raw)
+    out = pd.DataFrame({"_row": pd.Series(range(n), dtype="int64")})
+    for role in ("id", "image", "text", "label", "split", "group"):
+        name = mapping[role]
+        if name in available:
+            out[role] = pd.Series([_as_text(v) for v in raw[name].tolist()], dtype=object)
+        elif role == "id":
+            out[role] = pd.Series([f"row-{i}" for i in range(n)], dtype=object)
+        else:
+            out[role] = pd.Series([None] * n, dtype=object)
+    out.attrs["source"] = {"path": str(path), "format": kind, "columns": available,
+                           "has_split": mapping["split"] in available, "has_group": mapping["group"] in available}
+    return out[CANONICAL]

@@ -1,0 +1,165 @@
+"""Pure preprocessing helpers shared by validation, feature extraction and the served model.
+
+Usage::
+
+    from crossmodal.preprocess import load_image, image_to_tensor, clean_text, ImageError
+    img = load_image("photo.jpg", max_pixels=50_000_000)   # RGB PIL image, or ImageError
+    x = image_to_tensor(img, 224)                          # uint8 tensor (3, 224, 224)
+    t = clean_text("  Hello\u200b  world\n")               # "Hello world"
+
+Training and serving call the very same functions, so an image or a caption is turned
+into model input identically in both places (no train/serve skew).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is heavy; only image_to_tensor needs it
+    import torch
+
+
+class ImageError(ValueError):
+    """An image could not be used; the message is a short reason fit for a quarantine table."""
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError("file is empty")
+        fp: io.BytesIO | Path = io.BytesIO(data)
+    else:
+        fp = Path(source)
+        if not fp.is_file():
+            raise ImageError("file not found" if not fp.exists() else "not a file (a directory?)")
+        if fp.stat().st_size == 0:
+            raise ImageError("file is empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS (and raises above twice that); load_image applies
+            # its own limit to the declared size and raises ImageError, so the warning is only noise.
+            # (catch_warnings is not thread-safe before Python 3.14; in threads the worst outcome is
+            # that this one "ignore" filter outlives the call, which is harmless.)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except Image.DecompressionBombError as err:
+        # Pillow refuses sizes over twice its MAX_IMAGE_PIXELS before we can see them; report its numbers.
+        nums = re.findall(r"\((\d+) pixels\)|limit of (\d+) pixels", str(err))
+        declared = next((a for a, _ in nums if a), "too many")
+        limit = next((b for _, b in nums if b), "of Pillow")
+        raise ImageError(f"image has {declared} pixels, over the limit {limit}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a decodable image: unknown or unsupported format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError(f"not a decodable image: {err}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16/32-bit greyscale: Pillow's convert("L") clips at 255, which turns most 16-bit
+        # images white. Scale into 0..255 instead (16-bit range, or the maximum if larger).
+        arr = np.asarray(img, dtype=np.float64)
+        top = 255.0 if arr.size == 0 or arr.max() <= 255 else (65535.0 if arr.max() <= 65535 else float(arr.max()))
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        # Transparent pixels often hold black RGB; compose over white as a viewer would show them.
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``source`` (a path or the file's bytes) into an RGB image.
+
+    EXIF orientation is applied; for animated or multi-page files the first frame is used.
+    Raises :class:`ImageError` ("file not found", "file is empty", "not a decodable image: ...",
+    "image is truncated or corrupt", "image has W x H pixels, over the limit N").
+    """
+    img = _open(source)
+    try:
+        # Check the declared size *before* decoding pixels: a 100 kB PNG can declare 40000 x 40000.
+        limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+        w, h = img.size
+        if limit is not None and w * h > limit:
+            raise ImageError(f"image has {w} x {h} pixels, over the limit {limit}")
+        if w == 0 or h == 0:
+            raise ImageError(f"image has {w} x {h} pixels (no content)")
+        try:
+            img.seek(0)
+        except (EOFError, AttributeError, ValueError):
+            pass
+        if ImageFile.LOAD_TRUNCATED_IMAGES:
+            # Another library switched Pillow to silently pad truncated files; we want to know.
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as err:
+            detail = str(err) or type(err).__name__
+            raise ImageError(f"image is truncated or corrupt ({detail})") from None
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except Exception:  # a malformed EXIF block must not cost a good image; keep it unrotated
+            oriented = img
+        out = _to_rgb(oriented if oriented is not None else img)
+        # img is closed below (it may hold an open file); never hand back that very object.
+        return out.copy() if out is img else out
+    finally:
+        img.close()
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (bicubic) and centre-crop: uint8 tensor (3, size, size)."""
+    import torch
+
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    w, h = img.size
+    # Same arithmetic as torchvision's Resize(int): the long side is truncated, not rounded.
+    if w <= h:
+        new_w, new_h = size, max(size, int(size * h / w))
+    else:
+        new_w, new_h = max(size, int(size * w / h)), size
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# Zero-width space/joiners, word joiner, BOM: invisible, yet they split tokens apart.
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+_WS = re.compile(r"\s+")
+
+
+def clean_text(s: str | None) -> str:
+    """Unicode NFC; NUL, other control and zero-width characters removed; whitespace collapsed; stripped.
+
+    None gives "" (so an absent caption reads as empty rather than crashing a batch).
+    """
+    if s is None:
+        return ""
+    if not isinstance(s, str):
+        s = str(s)
+    s = unicodedata.normalize("NFC", s).translate(_ZERO_WIDTH)
+    # Control characters (category Cc) other than whitespace carry no meaning in a caption.
+    s = "".join(ch for ch in s if ch.isspace() or unicodedata.category(ch) != "Cc")
+    return _WS.sub(" ", s).strip()

@@ -1,0 +1,351 @@
+"""Validate a manifest: keep the good rows, quarantine the bad ones with a reason, fail loudly when needed.
+
+Usage::
+
+    from crossmodal.config import load_config
+    from crossmodal.validate import validate_manifest, ValidationFailed
+    result = validate_manifest("data/demo/manifest.csv", load_config(), "work/validate")
+    print(result.rows_kept, result.rows_quarantined, result.validated_path)
+
+Steps, in order:
+
+1. ``read_manifest`` (unreadable file, empty manifest, missing or mis-mapped column ->
+   :class:`ManifestError`, which is both a ``ValidationFailed`` and a ``DataError``);
+2. row checks GX cannot express (``crossmodal.rowchecks``: image inside the data root, exists,
+   not empty, not too large, decodes; cells are valid UTF-8), then ``clean_text``;
+3. a Great Expectations suite, written as code and run on the in-memory frame (ids, images,
+   texts, labels present; ids unique; text length within limits; labels in
+   ``validation.labels`` when set; split values known). Each failing row gets one reason,
+   the first failure; of duplicate ids the first occurrence is kept;
+4. dataset checks: classes under ``min_rows_per_class`` rows are quarantined; a split is
+   assigned when the manifest has none (``crossmodal.data.assign_splits``); then
+   ``ValidationFailed`` if more than ``max_quarantine_fraction`` of the rows were quarantined,
+   if fewer than 2 classes remain, or if a group given by the manifest straddles splits
+   (we fail rather than quarantine: dropping rows would silently change the user's split).
+   Identical images or texts in different splits are reported as warnings (not removed).
+
+Outputs in ``out_dir``: ``validated.parquet`` (the canonical frame, see the contract),
+``quarantine.csv`` (always, header even when empty), ``validation.json`` (counts, each
+expectation with its failing ids, warnings) and ``data_docs/index.html`` (GX Data Docs).
+The quarantine file and the report are written before any ``ValidationFailed`` is raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from crossmodal.config import Config, ValidationConfig
+from crossmodal.data.manifest import DataError, read_manifest
+from crossmodal.data.split import SPLITS, assign_splits, normalize_split
+from crossmodal.preprocess import clean_text
+from crossmodal.rowchecks import Reason, check_rows
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_COLUMNS = ["_row", "id", "image", "text", "label", "split", "group", "reason"]
+VALIDATED_COLUMNS = ["id", "image", "text", "label", "split", "group", "image_sha256", "_row"]
+
+
+class ValidationFailed(RuntimeError):
+    """The data cannot be used as is: wrong schema, too many rows quarantined, fewer than 2 classes left."""
+
+
+class ManifestError(ValidationFailed, DataError):
+    """``read_manifest`` rejected the manifest (catch either ``ValidationFailed`` or ``DataError``)."""
+
+
+@dataclass
+class ValidationResult:
+    validated_path: Path
+    quarantine_path: Path
+    report_path: Path
+    docs_dir: Path
+    rows_in: int
+    rows_kept: int
+    rows_quarantined: int
+    labels: list[str]
+    data_hash: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def _safe(s: Any) -> Any:
+    """Lone surrogates -> U+FFFD, so GX and its HTML renderer never meet unencodable strings."""
+    if not isinstance(s, str):
+        return s
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- the GX suite
+def _suite_spec(vcfg: ValidationConfig, has_split: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The expectations as (GX class name, kwargs); the order is the order of precedence of reasons."""
+    spec: list[tuple[str, dict[str, Any]]] = [("ExpectColumnToExist", {"column": c})
+                                              for c in ("_row", "id", "image", "text", "label")]
+    spec += [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in ("id", "image", "text", "label")]
+    spec.append(("ExpectColumnValuesToBeUnique", {"column": "id"}))
+    spec.append(("ExpectColumnValueLengthsToBeBetween",
+                 {"column": "text", "min_value": vcfg.min_text_chars, "max_value": vcfg.max_text_chars}))
+    if vcfg.labels:
+        spec.append(("ExpectColumnValuesToBeInSet", {"column": "label", "value_set": sorted(vcfg.labels)}))
+    if has_split:
+        spec.append(("ExpectColumnValuesToNotBeNull", {"column": "split"}))
+        spec.append(("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}))
+    return spec
+
+
+def run_gx_suite(frame: pd.DataFrame, vcfg: ValidationConfig, has_split: bool, docs_dir: Path) -> list[dict]:
+    """Run the suite on ``frame`` (needs an int ``_row`` column); build Data Docs into ``docs_dir``.
+
+    Returns one dict per expectation: type, kwargs, success, failing ``rows`` (``_row`` values).
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internal chatter
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
+                                                            ProgressBarsConfig)
+
+    shutil.rmtree(docs_dir, ignore_errors=True)  # an old run's pages would otherwise linger in the index
+    # Ephemeral (in-memory) context whose only Data Docs site is docs_dir: no gx/ project folder,
+    # no temporary docs site left behind in /tmp, no progress bars, no analytics.
+    ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites={"crossmodal": {
+            "class_name": "SiteBuilder", "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}},
+        progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False))
+    batch_def = (ctx.data_sources.add_or_update_pandas("manifest").add_dataframe_asset("rows")
+                 .add_batch_definition_whole_dataframe("all"))
+    suite = ctx.suites.add(gx.ExpectationSuite(name="crossmodal_manifest"))
+    for name, kwargs in _suite_spec(vcfg, has_split):
+        suite.add_expectation(getattr(gxe, name)(**kwargs))
+    vdef = ctx.validation_definitions.add(gx.ValidationDefinition(name="manifest", data=batch_def, suite=suite))
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name="crossmodal_manifest", validation_definitions=[vdef],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["crossmodal"])],
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]}))
+    run = checkpoint.run(batch_parameters={"dataframe": frame})
+    out = []
+    for vres in run.run_results.values():
+        for r in vres.results:
+            cfg = r.expectation_config
+            kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+            rows = [int(d["_row"]) for d in (r.result or {}).get("unexpected_index_list") or []]
+            raised = bool(r.exception_info and r.exception_info.get("raised_exception"))
+            if raised:
+                log.warning("GX expectation %s on %s raised: %s", cfg.type, kwargs.get("column"),
+                            r.exception_info.get("exception_message"))
+            out.append({"expectation": cfg.type, "kwargs": kwargs, "success": bool(r.success), "rows": rows,
+                        "error": r.exception_info.get("exception_message") if raised else None})
+    # GX reports results grouped its own way; put them back in our order of precedence.
+    order = {(_snake(name), kw.get("column")): i for i, (name, kw) in enumerate(_suite_spec(vcfg, has_split))}
+    return sorted(out, key=lambda e: order.get((e["expectation"], e["kwargs"].get("column")), len(order)))
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _gx_reason(exp: dict, row: int, frame: pd.DataFrame, raw: pd.DataFrame, first_row: dict, vcfg) -> Reason | None:
+    col, kind = exp["kwargs"].get("column"), exp["expectation"]
+    if kind == "expect_column_values_to_not_be_null":
+        return (f"{col} missing", f"{col} is missing" + (" (image path)" if col == "image" else ""))
+    if kind == "expect_column_values_to_be_unique":
+        rid = frame.at[row, "id"]
+        first = first_row[rid]
+        return None if first == row else ("duplicate id", f"duplicate id {rid!r} (first at row {first})")
+    if kind == "expect_column_value_lengths_to_be_between":
+        n = len(frame.at[row, "text"])
+        if n == 0:
+            return ("text empty", "text is empty (nothing left after removing whitespace and invisible characters)")
+        if n < vcfg.min_text_chars:
+            return ("text too short", f"text is too short ({n} characters, minimum {vcfg.min_text_chars})")
+        return ("text too long", f"text is too long ({n} characters, maximum {vcfg.max_text_chars}: "
+                "validation.max_text_chars)")
+    if kind == "expect_column_values_to_be_in_set" and col == "label":
+        return ("label not allowed", f"label {frame.at[row, 'label']!r} is not one of {sorted(vcfg.labels or [])} "
+                "(validation.labels)")
+    if kind == "expect_column_values_to_be_in_set" and col == "split":
+        return ("split unknown", f"split value {raw.at[row, 'split']!r} is not one of train/val/test "
+                "(also accepted: valid, validation, dev)")
+    return (kind, f"failed {kind} on column {col}")
+
+
+# ----------------------------------------------------------------------------- outputs
+def _write_quarantine(raw: pd.DataFrame, reasons: list[Reason | None], path: Path) -> pd.DataFrame:
+    idx = [i for i, r in enumerate(reasons) if r is not None]
+    q = raw.iloc[idx][QUARANTINE_COLUMNS[:-1]].copy()
+    q["reason"] = [reasons[i][1] for i in idx]
+    tmp = path.with_suffix(".csv.tmp")
+    # Raw bytes that were not UTF-8 are written back as \udcXX escapes: readable, and the file stays UTF-8.
+    q.to_csv(tmp, index=False, encoding="utf-8", errors="backslashreplace")
+    os.replace(tmp, path)
+    return q
+
+
+def _write_validated(kept: pd.DataFrame, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(c, pa.int64() if c == "_row" else pa.string()) for c in VALIDATED_COLUMNS])
+    table = pa.Table.from_pydict({c: kept[c].tolist() for c in VALIDATED_COLUMNS}, schema=schema)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _data_hash(kept: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for row in kept[["id", "image_sha256", "text", "label", "split"]].itertuples(index=False):
+        h.update(json.dumps(list(row), ensure_ascii=False).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def _cross_split_warnings(kept: pd.DataFrame) -> list[str]:
+    warnings = []
+    for col, what in (("image_sha256", "identical image files"), ("text", "identical texts")):
+        spans = kept.groupby(col)["split"].nunique()
+        shared = spans[spans > 1]
+        if len(shared):
+            rows = kept[kept[col].isin(shared.index)]
+            examples = rows.groupby(col)["id"].apply(lambda s: list(s)[:3]).head(3).tolist()
+            warnings.append(f"{len(shared)} {what} appear in more than one split ({len(rows)} rows), "
+                            f"e.g. ids {examples}: near-leakage between train and evaluation")
+    return warnings
+
+
+# ----------------------------------------------------------------------------- the stage
+def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Path) -> ValidationResult:
+    """Validate ``manifest_path``; write the outputs into ``out_dir`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    vcfg = cfg.validation
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {k: out_dir / n for k, n in (("validated", "validated.parquet"), ("quarantine", "quarantine.csv"),
+                                         ("report", "validation.json"), ("docs", "data_docs"))}
+    paths["validated"].unlink(missing_ok=True)  # never leave a previous run's table next to this run's report
+    try:
+        raw = read_manifest(manifest_path, cfg.data.columns)
+    except DataError as err:
+        raise ManifestError(str(err)) from None
+    root = Path(cfg.data.data_root) if cfg.data.data_root else manifest_path.parent
+    if not root.is_dir():
+        raise ManifestError(f"data root {root} is not a directory; set data.data_root to the folder that holds "
+                            "the images (relative image paths are resolved against it)")
+    n = len(raw)
+    raw = raw.reset_index(drop=True)  # position == _row from here on
+
+    checks = check_rows(raw, root, vcfg)
+    reasons: list[Reason | None] = list(checks.reasons)
+    frame = pd.DataFrame({
+        "_row": raw["_row"].astype("int64"), "id": raw["id"].map(_safe), "image": raw["image"].map(_safe),
+        "text": [None if t is None else clean_text(_safe(t)) for t in raw["text"]],
+        "label": [None if lab is None or not lab.strip() else _safe(lab.strip()) for lab in raw["label"]],
+        "split": [_safe(normalize_split(s)) for s in raw["split"]],
+        "group": raw["group"].map(_safe)}).astype({c: object for c in ("id", "image", "text", "label", "split", "group")})
+    has_split = frame["split"].notna().any()
+    if raw.attrs.get("source", {}).get("has_split") and not has_split:
+        log.warning("the split column of %s is empty in every row; assigning splits instead", manifest_path)
+
+    expectations = run_gx_suite(frame, vcfg, bool(has_split), paths["docs"])
+    if any(not e["success"] for e in expectations if e["expectation"] == "expect_column_to_exist"):
+        raise ValidationFailed(f"{manifest_path}: the canonical columns are incomplete: {expectations}")
+    first_row: dict[str, int] = {}
+    for i, rid in enumerate(frame["id"]):
+        first_row.setdefault(rid, i)
+    for exp in expectations:
+        for row in exp["rows"]:
+            if reasons[row] is None:
+                reasons[row] = _gx_reason(exp, row, frame, raw, first_row, vcfg)
+
+    # Dataset level: classes too small to learn from or to split.
+    counts = Counter(frame["label"][i] for i in range(n) if reasons[i] is None)
+    small = {lab: c for lab, c in counts.items() if c < vcfg.min_rows_per_class}
+    for i in range(n):
+        if reasons[i] is None and frame.at[i, "label"] in small:
+            lab = frame.at[i, "label"]
+            reasons[i] = ("class too small", f"class {lab!r} has only {small[lab]} valid row(s), fewer than "
+                          f"validation.min_rows_per_class={vcfg.min_rows_per_class}")
+
+    keep = [i for i in range(n) if reasons[i] is None]
+    kept = frame.iloc[keep].copy()
+    kept["image"] = [checks.paths[i] for i in keep]
+    kept["image_sha256"] = [checks.sha256[i] for i in keep]
+    if not has_split and len(kept):
+        kept["split"] = assign_splits(kept, cfg.data.split)
+    labels = sorted(kept["label"].unique().tolist())
+    n_q = n - len(kept)
+    assert n == len(kept) + n_q == len(kept) + sum(r is not None for r in reasons)
+
+    quarantine = _write_quarantine(raw, reasons, paths["quarantine"])
+    kinds = Counter(r[0] for r in reasons if r is not None)
+    warnings = _cross_split_warnings(kept) if len(kept) else []
+    for lab in labels:
+        if has_split and not (kept["label"].eq(lab) & kept["split"].eq("train")).any():
+            warnings.append(f"class {lab!r} has no train rows in the manifest's split")
+    for s in SPLITS:
+        if len(kept) and not kept["split"].eq(s).any():
+            warnings.append(f"split {s!r} has no rows")
+
+    errors: list[str] = []
+    frac = n_q / n
+    if frac > vcfg.max_quarantine_fraction:
+        top = "; ".join(f"{k}: {c}" for k, c in kinds.most_common(5))
+        errors.append(f"{n_q} of {n} rows ({frac:.1%}) were quarantined, over validation.max_quarantine_fraction="
+                      f"{vcfg.max_quarantine_fraction:.0%}; see {paths['quarantine']}. Top reasons: {top}")
+    if len(labels) < 2:
+        errors.append(f"only {len(labels)} class(es) left after validation ({labels}); a classifier needs at "
+                      f"least 2. See {paths['quarantine']}")
+    if has_split and kept["group"].notna().any():
+        spans = kept.dropna(subset=["group"]).groupby("group")["split"].nunique()
+        straddling = sorted(spans[spans > 1].index.tolist())
+        if straddling:
+            errors.append(f"{len(straddling)} group(s) appear in more than one split of the manifest, e.g. "
+                          f"{straddling[:5]}: rows of one group must share a split (fix the split column, or drop "
+                          "it and let crossmodal assign a grouped split)")
+
+    data_hash = _data_hash(kept) if not errors else ""
+    split_counts = {s: {lab: int(c) for lab, c in kept[kept["split"] == s]["label"].value_counts().sort_index().items()}
+                    for s in SPLITS}
+    report = {
+        "success": not errors, "errors": errors, "manifest": str(manifest_path), "data_root": str(root.resolve()),
+        "format": raw.attrs.get("source", {}).get("format"), "rows_in": n, "rows_kept": len(kept),
+        "rows_quarantined": n_q, "quarantine_fraction": round(frac, 6),
+        "max_quarantine_fraction": vcfg.max_quarantine_fraction, "labels": labels,
+        "split_source": "manifest" if has_split else f"assigned (seed {cfg.data.split.seed})",
+        "split_counts": split_counts, "quarantine_reasons": dict(kinds.most_common()), "data_hash": data_hash,
+        "expectations": [{"expectation": e["expectation"], "kwargs": e["kwargs"], "success": e["success"],
+                          "unexpected_count": len(e["rows"]), "failing_rows": e["rows"][:100],
+                          "failing_ids": [frame.at[r, "id"] for r in e["rows"][:100]], "error": e["error"]}
+                         for e in expectations],
+        "warnings": warnings, "seconds": round(time.perf_counter() - t0, 3)}
+    tmp = paths["report"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, paths["report"])
+    log.info("validated %s: %d rows in, %d kept, %d quarantined (%s)", manifest_path, n, len(kept), n_q,
+             dict(kinds.most_common(3)))
+    for w in warnings:
+        log.warning("%s", w)
+    if errors:
+        raise ValidationFailed("; ".join(errors))
+
+    _write_validated(kept, paths["validated"])
+    assert len(quarantine) == n_q
+    return ValidationResult(validated_path=paths["validated"], quarantine_path=paths["quarantine"],
+                            report_path=paths["report"], docs_dir=paths["docs"], rows_in=n, rows_kept=len(kept),
+                            rows_quarantined=n_q, labels=labels, data_hash=data_hash, warnings=warnings)
