@@ -1,0 +1,258 @@
+"""Evaluate trained heads: metrics, plots, per-class reports, and which head wins.
+
+    from crossmodal.evaluate import evaluate_all, comparison_table
+    metrics = evaluate_all("work/train", "reports")     # reads what crossmodal.train wrote
+    print(comparison_table(metrics))
+
+Writes under ``out_dir``:
+    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality"}}, "labels",
+                                 "best_fusion", "best_unimodal", "best_head", "fusion_gain_macro_f1",
+                                 "selection_metric": "macro_f1"}
+    plots/<head>_confusion.png   test confusion matrix (counts)
+    plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
+    per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
+
+Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
+winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
+class is missing from y_true, anything on an empty split) is ``None`` / JSON null.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ECE_BINS = 15
+SELECTION_METRIC = "macro_f1"
+
+
+def _check(y_true, proba, labels) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(np.int64).reshape(-1)
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(labels):
+        raise ValueError(f"proba must have shape (N, {len(labels)}) for labels {list(labels)}, got {p.shape}")
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} rows but proba has {len(p)}")
+    if len(y) and (y.min() < 0 or y.max() >= len(labels)):
+        raise ValueError(f"y_true holds class indices outside 0..{len(labels) - 1}")
+    if len(p):
+        # float32 softmax rows sum to 1 only to ~1e-7; renormalise so sklearn's checks and log-loss agree
+        p = np.clip(p, 0.0, None)
+        p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-300, None)
+    return y, p
+
+
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE on the top-class confidence: sum over equal-width bins of (bin share) * |accuracy - confidence|."""
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y).astype(np.float64)
+    idx = np.minimum((conf * bins).astype(np.int64), bins - 1)  # bins [k/B, (k+1)/B); conf 1.0 goes to the last
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def roc_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+    """Binary: AUC of the positive (index 1) column. Multi-class: one-vs-rest macro. None when undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    n_classes = proba.shape[1]
+    present = np.unique(y)
+    if n_classes == 2:
+        if len(present) < 2:
+            return None
+        return float(roc_auc_score(y, proba[:, 1]))
+    if len(present) < n_classes:  # one-vs-rest needs a positive and a negative for every class
+        return None
+    try:
+        return float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    except ValueError:
+        return None
+
+
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, labels) -> dict:
+    """accuracy, macro_f1, roc_auc (None when undefined), ece, log_loss and n for one split."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    y, p = _check(y_true, proba, labels)
+    if len(y) == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "roc_auc": None, "ece": None, "log_loss": None}
+    pred = p.argmax(axis=1)
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "roc_auc": roc_auc(y, p),
+        "ece": expected_calibration_error(y, p),
+        "log_loss": float(log_loss(y, np.clip(p, 1e-12, 1.0), labels=list(range(len(labels))))),
+    }
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_confusion(y: np.ndarray, proba: np.ndarray, labels, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y, proba.argmax(axis=1), labels=list(range(len(labels)))) if len(y) else None
+    if cm is None:
+        cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    size = 2.5 + 0.5 * len(labels)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    threshold = cm.max() / 2 if cm.max() else 1
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(y: np.ndarray, proba: np.ndarray, labels, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    # Binary: one curve, the positive class. Multi-class: one-vs-rest, one curve per class.
+    classes = [1] if len(labels) == 2 else list(range(len(labels)))
+    for c in classes:
+        positives = y == c
+        if not positives.any() or positives.all():
+            continue  # ROC undefined for this class on this split (no positives or no negatives)
+        fpr, tpr, _ = roc_curve(positives, proba[:, c])
+        ax.plot(fpr, tpr, label=f"{labels[c]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "ROC undefined: a class is missing", ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _pick(heads: dict, names: list[str]) -> str | None:
+    """Highest validation macro-F1; ties go to lower validation log-loss, then to the earlier name."""
+    scored = [n for n in names if heads[n]["val"][SELECTION_METRIC] is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda n: (-heads[n]["val"][SELECTION_METRIC], heads[n]["val"]["log_loss"], names.index(n)))
+
+
+def evaluate_all(train_dir, out_dir) -> dict:
+    """Evaluate every head under ``train_dir`` (as written by ``crossmodal.train.train_all``)."""
+    from sklearn.metrics import classification_report
+
+    from crossmodal.config import HEAD_NAMES
+
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    labels_path = train_dir / "labels.json"
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{labels_path} not found; run `crossmodal train` first")
+    labels = json.loads(labels_path.read_text())
+    found = [p.parent.name for p in train_dir.glob("*/head.json") if (p.parent / "predictions.npz").is_file()]
+    order = {name: i for i, name in enumerate(HEAD_NAMES)}
+    names = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+    if not names:
+        raise FileNotFoundError(f"no trained heads (head.json + predictions.npz) under {train_dir}")
+
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    (out_dir / "per_class").mkdir(parents=True, exist_ok=True)
+    heads: dict[str, dict] = {}
+    for name in names:
+        meta = json.loads((train_dir / name / "head.json").read_text())
+        with np.load(train_dir / name / "predictions.npz", allow_pickle=False) as npz:
+            pred = {k: npz[k] for k in npz.files}
+        val = compute_metrics(pred["val_y"], pred["val_proba"], labels)
+        test = compute_metrics(pred["test_y"], pred["test_proba"], labels)
+        y_test, p_test = pred["test_y"].astype(np.int64), pred["test_proba"].astype(np.float64)
+        per_class = {}
+        if len(y_test):
+            per_class = classification_report(
+                y_test,
+                p_test.argmax(axis=1),
+                labels=list(range(len(labels))),
+                target_names=[str(x) for x in labels],
+                output_dict=True,
+                zero_division=0,
+            )
+        (out_dir / "per_class" / f"{name}.json").write_text(json.dumps(per_class, indent=2))
+        plots = out_dir / "plots"
+        plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
+        plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
+        heads[name] = {"modality": meta.get("modality", "fusion"), "val": val, "test": test, "per_class": per_class}
+
+    fusion = [n for n in names if heads[n]["modality"] == "fusion"]
+    unimodal = [n for n in names if heads[n]["modality"] in ("image", "text")]
+    best_fusion, best_unimodal = _pick(heads, fusion), _pick(heads, unimodal)
+    gain = None
+    if best_fusion and best_unimodal:
+        f, u = heads[best_fusion]["test"]["macro_f1"], heads[best_unimodal]["test"]["macro_f1"]
+        gain = None if f is None or u is None else float(f - u)
+    metrics = {
+        "heads": heads,
+        "labels": labels,
+        "best_fusion": best_fusion,
+        "best_unimodal": best_unimodal,
+        "best_head": _pick(heads, names),
+        "fusion_gain_macro_f1": gain,
+        "selection_metric": SELECTION_METRIC,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    return metrics
+
+
+def comparison_table(metrics: dict) -> str:
+    """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line."""
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    heads = metrics["heads"]
+    def test_f1(name):
+        f1 = heads[name]["test"]["macro_f1"]
+        return -1.0 if f1 is None else f1
+
+    rows = sorted(heads, key=test_f1, reverse=True)  # stable: ties keep the registry order
+    width = max([len("head")] + [len(n) for n in rows])
+    lines = [f"{'head':<{width}}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}"]
+    lines.append("-" * len(lines[0]))
+    for n in rows:
+        t = heads[n]["test"]
+        kind = "fusion" if heads[n]["modality"] == "fusion" else "unimodal"
+        cells = [fmt(t["accuracy"]), fmt(t["macro_f1"]), fmt(t["roc_auc"])]
+        lines.append(f"{n:<{width}}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
+    fusion, unimodal, gain = metrics.get("best_fusion"), metrics.get("best_unimodal"), metrics.get("fusion_gain_macro_f1")
+    if fusion and unimodal and gain is not None:
+        verb = "beats" if gain >= 0 else "trails"
+        points = f"{100 * gain:+.1f}"
+        lines.append(f"best fusion {fusion} {verb} best unimodal {unimodal} by {points} macro-F1 points (test)")
+    else:
+        lines.append("fusion gain: n/a (needs at least one fusion head and one unimodal head with test rows)")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""Pieces every fusion head shares: per-modality standardisation and a small MLP block.
+
+Heads take frozen pooled features whose scales differ wildly (CNN activations in the
+tens, L2-normalised sentence embeddings around 0.05 per dimension). Each head therefore
+owns one :class:`Standardize` per modality it reads; its mean/std are buffers, so they
+travel in the state dict with the weights and the served model sees the same scaling
+the head was trained with (no train/serve skew).
+
+    norm = Standardize(1280)
+    norm.fit(train_features)        # numpy array or tensor, (N, 1280)
+    z = norm(batch)                 # (x - mean) / std
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with mean and std fitted on training features and stored as buffers."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        # Identity until fitted, so an unfitted head still runs (e.g. in shape tests).
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: np.ndarray | torch.Tensor) -> Standardize:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x, dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"Standardize expects features of shape (N, {self.dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("cannot fit Standardize on zero rows: the training split is empty")
+        mean = x.mean(0)
+        std = x.std(0, unbiased=False)
+        # A constant feature (std 0) would blow up to +-inf on unseen data; leave it unscaled.
+        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.std.copy_(std.to(self.std.dtype))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """One hidden layer: enough for frozen features, small enough to train in milliseconds."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+def base_init_args(name: str, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int, dropout: float) -> dict:
+    """The JSON-able arguments that rebuild a head: ``build_head(**head.init_args)``."""
+    return {
+        "name": name,
+        "image_dim": int(image_dim),
+        "text_dim": int(text_dim),
+        "num_classes": int(num_classes),
+        "hidden_dim": int(hidden_dim),
+        "dropout": float(dropout),
+    }
