@@ -1,0 +1,132 @@
+"""MLflow tracking, the pyfunc model, registration, the champion/challenger gate, promote and rollback.
+
+Each test gets its own temporary MLflow store (mlflow_store); the trained heads come from one tiny pipeline run.
+"""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from crossmodal import promotion, tracking
+from crossmodal.model import FusedModel, PredictionInputError, save_model_dir
+from crossmodal.publish import publish
+
+
+def _test_rows(tiny_run):
+    frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
+    return frame[frame["split"] == "test"]
+
+
+def test_fused_model_predicts_from_paths_and_bytes(tiny_run, tmp_path):
+    best = tiny_run["metrics"]["best_head"]
+    folder = save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m")
+    model = FusedModel.load(folder)
+    rows = _test_rows(tiny_run).head(4)
+    by_path = model.predict(pd.DataFrame({"image": rows["image"].tolist(), "text": rows["text"].tolist()}))
+    as_bytes = [open(p, "rb").read() for p in rows["image"]]
+    by_bytes = model.predict(pd.DataFrame({"image_bytes": as_bytes, "text": rows["text"].tolist()}))
+    labels = json.loads((tiny_run["models"] / "labels.json").read_text())
+    assert list(by_path.columns) == ["label"] + [f"prob_{c}" for c in labels]
+    assert by_path["label"].isin(labels).all()
+    assert by_path.filter(like="prob_").sum(axis=1).round(5).eq(1).all()
+    pd.testing.assert_frame_equal(by_path, by_bytes)
+
+
+def test_fused_model_rejects_bad_input_clearly(tiny_run, tmp_path):
+    best = tiny_run["metrics"]["best_head"]
+    model = FusedModel.load(save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m"))
+    with pytest.raises(PredictionInputError, match="'text' column"):
+        model.predict(pd.DataFrame({"image": ["a.jpg"]}))
+    with pytest.raises(PredictionInputError, match="row 1: no image"):
+        img = _test_rows(tiny_run)["image"].iloc[0]
+        model.predict(pd.DataFrame({"image": [img, None], "text": ["a", "b"]}))
+
+
+def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_path):
+    cfg = tiny_run["cfg"].model_copy(deep=True)
+    cfg.mlflow.tracking_uri = mlflow_store
+    cfg.mlflow.artifact_root = str(tmp_path / "artifacts")
+    summary = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"],
+                      tiny_run["reports"], tmp_path / "summary.json")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["mlflow"]["version"] == "1" and saved["mlflow"]["champion_version"] == "1"
+    assert saved["promotion"]["promoted"] is True and saved["promotion"]["reason"] == "no champion yet"
+    assert set(saved["heads"]) == set(cfg.train.heads)
+    rows = saved["rows"]
+    assert rows["in"] == rows["kept"] + rows["quarantined"] and rows["quarantined"] > 0
+
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["crossmodal.gate.promoted"] == "True"
+    assert run.data.metrics["rows_in"] == rows["in"]
+    assert run.inputs.dataset_inputs, "dataset lineage (mlflow.log_input) missing"
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["crossmodal.head"] for c in children} == set(cfg.train.heads)
+    assert all("test_macro_f1" in c.data.metrics for c in children)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/quarantine.csv", "data/validation.json", "data/data_docs"} <= artifacts
+
+    champion = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@champion")
+    out = champion.predict(_test_rows(tiny_run)[["image", "text"]].head(3).reset_index(drop=True))
+    assert len(out) == 3 and "label" in out
+
+    # Same data, same seed: an equal model does not displace the champion.
+    again = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"])
+    assert again["mlflow"]["version"] == "2" and again["mlflow"]["champion_version"] == "1"
+    assert again["promotion"]["promoted"] is False and "does not beat" in again["promotion"]["reason"]
+    v2 = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
+    assert str(v2.version) == "2"
+
+
+def _register_head(tiny_run, head, name, tmp_path):
+    from crossmodal.model import log_model
+
+    with mlflow.start_run():
+        info = log_model(tiny_run["models"], head, tiny_run["cfg"], _test_rows(tiny_run))
+    return promotion.register(info.model_uri, name)
+
+
+def test_gate_promotes_only_a_real_improvement_and_rollback(tiny_run, mlflow_store, tmp_path):
+    metrics = tiny_run["metrics"]["heads"]
+    worst = min(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
+    best = max(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
+    assert metrics[best]["test"]["macro_f1"] - metrics[worst]["test"]["macro_f1"] > 0.05
+    name, rows = "gate-test", _test_rows(tiny_run)
+    cfg = tiny_run["cfg"].promotion
+
+    weak = _register_head(tiny_run, worst, name, tmp_path)
+    first = promotion.gate(name, weak, rows, cfg)
+    assert first.promoted and promotion.current_champion(name) == weak
+
+    strong = _register_head(tiny_run, best, name, tmp_path)
+    second = promotion.gate(name, strong, rows, cfg)
+    assert second.promoted and second.delta > cfg.min_improvement
+    assert promotion.current_champion(name) == strong
+
+    third = promotion.gate(name, _register_head(tiny_run, worst, name, tmp_path), rows, cfg)
+    assert not third.promoted and third.delta < 0 and promotion.current_champion(name) == strong
+
+    assert promotion.rollback(name) == weak and promotion.current_champion(name) == weak
+    with pytest.raises(promotion.PromotionError, match="no earlier champion"):
+        promotion.rollback(name)
+    assert promotion.promote(name, strong) == strong and promotion.current_champion(name) == strong
+    with pytest.raises(promotion.PromotionError, match="cannot promote"):
+        promotion.promote(name, 99)
+
+
+def test_tracking_helpers(tmp_path, monkeypatch):
+    from crossmodal.config import MlflowConfig
+
+    assert tracking.redact_uri("https://user:secret@host:5000/x") == "https://***@host:5000/x"
+    assert tracking.redact_uri("sqlite:///a/b.db") == "sqlite:///a/b.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(MlflowConfig()) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_tracking_uri(MlflowConfig()) == "http://127.0.0.1:5999"
+    assert tracking.resolve_tracking_uri(MlflowConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
