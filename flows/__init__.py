@@ -1,0 +1,1 @@
+"""Prefect wiring for crossmodal: flows, deployments and schedules. No ML logic lives here."""

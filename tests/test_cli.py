@@ -1,0 +1,73 @@
+"""The command line: help, clear errors for bad input (no tracebacks), promote/rollback messages."""
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from crossmodal.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "crossmodal.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("run", "demo", "validate", "extract", "train", "evaluate", "register", "promote", "rollback",
+                "schedule", "ui", "demo-data"):
+        assert cmd in out.stdout
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys, crossmodal.cli; print(sorted(m for m in ('torch','mlflow','prefect') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _err(result):
+    return result.output + (result.stderr if hasattr(result, "stderr") else "")
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["validate", "--manifest", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"),
+                                 "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "error:" in _err(result) and "missing.csv" in _err(result)
+    assert "Traceback" not in _err(result)
+
+
+def test_unknown_column_mapping_is_a_clear_error(tmp_path):
+    (tmp_path / "m.csv").write_text("image,text,label\na.jpg,hello,x\n")
+    result = runner.invoke(app, ["validate", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o"),
+                                 "--text-column", "caption", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "caption" in _err(result) and "Traceback" not in _err(result)
+
+
+def test_bad_params_file_is_a_clear_error(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  optimiser: adam\n")
+    result = runner.invoke(app, ["run", "--params", str(tmp_path / "p.yaml")])
+    assert result.exit_code == 2 and "train.optimiser: unknown key" in _err(result)
+
+
+def test_unknown_head_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["run", "--heads", "concat,nope", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "nope" in _err(result)
+
+
+def test_promote_and_rollback_without_a_model(mlflow_store, tmp_path):
+    result = runner.invoke(app, ["promote", "--version", "3", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "cannot promote" in _err(result)
+    result = runner.invoke(app, ["rollback", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "no registered model" in _err(result)
+
+
+def test_schedule_needs_a_server(monkeypatch, tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(app, ["schedule", "--cron", "0 3 * * *", "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "prefect server start" in _err(result)
+    result = runner.invoke(app, ["schedule", "--cron", "not a cron"])
+    assert result.exit_code == 2 and "Invalid cron" in _err(result)

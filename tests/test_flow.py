@@ -1,0 +1,75 @@
+"""End to end: the real Prefect flow on the tiny demo data, with temporary MLflow and Prefect stores."""
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_config
+
+
+def _task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch):
+    from flows.training import training_flow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tiny_config(tmp_path)
+    cfg.data.manifest = str(demo_dir / "manifest.csv")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump()))
+
+    state = training_flow(str(params), return_state=True)
+    first = state.result()
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert summary["mlflow"]["run_id"] == first["mlflow"]["run_id"]
+    for head in cfg.train.heads:
+        assert set(summary["heads"][head]) >= {"accuracy", "macro_f1", "roc_auc"}
+    assert summary["best_fusion"] not in ("image_only", "text_only")
+    assert summary["best_unimodal"] in ("image_only", "text_only")
+    assert isinstance(summary["fusion_gain_macro_f1"], float)
+    rows = summary["rows"]
+    assert rows["in"] == rows["kept"] + rows["quarantined"]
+    assert summary["mlflow"]["champion_version"] == "1"
+    assert _task_states(state.state_details.flow_run_id)["extract"] == "Completed"
+
+    # A second run with nothing changed: extraction is a Prefect cache hit, and the equal model is not promoted.
+    state2 = training_flow(str(params), return_state=True)
+    second = state2.result()
+    assert _task_states(state2.state_details.flow_run_id)["extract"] == "Cached"
+    assert second["mlflow"]["version"] == "2"
+    assert second["mlflow"]["champion_version"] == "1"
+    assert second["promotion"]["promoted"] is False
+
+
+def test_flow_stops_on_bad_data_with_clear_error(prefect_api, tmp_path):
+    from crossmodal.data import DataError
+    from flows.training import training_flow
+
+    cfg = tiny_config(tmp_path)
+    cfg.data.manifest = str(tmp_path / "nope.csv")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.model_dump()))
+    with pytest.raises(DataError, match="nope.csv"):
+        training_flow(str(params))
+
+
+def test_schedule_deployment_has_cron_and_timezone():
+    from flows.schedule import ScheduleError, build_deployment
+
+    dep = build_deployment("0 3 * * *", "Europe/Paris", "params.yaml")
+    assert dep.name == "crossmodal-retrain"
+    (sched,) = dep.schedules
+    assert sched.schedule.cron == "0 3 * * *" and sched.schedule.timezone == "Europe/Paris"
+    assert dep.parameters["params_path"].endswith("params.yaml")
+    with pytest.raises(ScheduleError, match="Invalid cron"):
+        build_deployment("61 3 * * *")
+    with pytest.raises(ScheduleError, match="Invalid timezone"):
+        build_deployment("0 3 * * *", "Mars/Base")
