@@ -1,0 +1,42 @@
+# Two commands: `make demo` (the whole pipeline on the embedded demo data) and `make test` (the test suite).
+# Both create or reuse .venv and install the project into it first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+
+.PHONY: demo test test-all install install-dev ui clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstall only when the dependency list changes; the package itself is an editable install.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP) $@
+
+install: $(STAMP)
+install-dev: $(DEV)
+
+demo: $(STAMP)
+	$(BIN)/crossmodal demo
+
+test: $(DEV)
+	$(BIN)/python -m pytest
+
+# Also the slow tests (dvc repro end to end, a real Prefect server schedule).
+test-all: $(DEV)
+	$(BIN)/python -m pytest -m ''
+
+ui: $(STAMP)
+	$(BIN)/crossmodal ui
+
+clean:
+	rm -rf work reports .cache/crossmodal
