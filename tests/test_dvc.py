@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import tiny_config
@@ -21,7 +20,6 @@ def _run(args, cwd, env):
     return out.stdout + out.stderr
 
 
-@pytest.mark.slow
 def test_dvc_repro_end_to_end_then_nothing_to_do(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -236,9 +237,12 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
                                             head_metrics)
         frame = pd.read_parquet(validated_dir / "validated.parquet")
         with mlflow.start_run(run_id=run_id):
-            dataset = mlflow.data.from_pandas(frame.drop(columns=["_row"], errors="ignore"),
-                                              source=str(Path(manifest_path).resolve()),
-                                              name=Path(manifest_path).parent.name or "manifest", targets="label")
+            with warnings.catch_warnings():  # MLflow registers two equal local sources and warns it picked one
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                dataset = mlflow.data.from_pandas(frame.drop(columns=["_row"], errors="ignore"),
+                                                  source=str(Path(manifest_path).resolve()),
+                                                  name=Path(manifest_path).parent.name or "manifest",
+                                                  targets="label")
             mlflow.log_input(dataset, context="training")
             info = fused.log_model(train_dir, best, cfg, frame[frame["split"] == "test"])
         return {"tracking_uri": redact_uri(uri), "experiment_id": experiment_id, "run_id": run_id,

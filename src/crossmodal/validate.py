@@ -112,7 +112,6 @@ def run_gx_suite(frame: pd.DataFrame, vcfg: ValidationConfig, has_split: bool, d
 
     Returns one dict per expectation: type, kwargs, success, failing ``rows`` (``_row`` values).
     """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internal chatter
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -234,7 +233,7 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
     """Validate ``manifest_path``; write the outputs into ``out_dir`` (see the module docstring)."""
     t0 = time.perf_counter()
     vcfg = cfg.validation
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir).resolve()  # GX docs need an absolute path
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / n for k, n in (("validated", "validated.parquet"), ("quarantine", "quarantine.csv"),
                                          ("report", "validation.json"), ("docs", "data_docs"))}
