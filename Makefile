@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 
-.PHONY: demo test test-all install install-dev ui clean
+.PHONY: demo test test-all install install-dev ui repro clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(DEV)
 # Also the slow tests (dvc repro end to end, a real Prefect server schedule).
 test-all: $(DEV)
 	$(BIN)/python -m pytest -m ''
+
+# The DVC pipeline (dvc.yaml) with the venv's commands on PATH.
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 ui: $(STAMP)
 	$(BIN)/crossmodal ui

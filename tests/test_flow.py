@@ -73,3 +73,58 @@ def test_schedule_deployment_has_cron_and_timezone():
         build_deployment("61 3 * * *")
     with pytest.raises(ScheduleError, match="Invalid timezone"):
         build_deployment("0 3 * * *", "Mars/Base")
+
+
+@pytest.mark.slow
+def test_schedule_serves_against_a_real_prefect_server(tmp_path):
+    """`crossmodal schedule` registers a cron deployment on a real `prefect server` (make test-all)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api}
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        serve = subprocess.Popen([str(bin_dir / "crossmodal"), "schedule", "--cron", "0 3 * * *", "--timezone",
+                                  "Europe/Paris", "--params", str(tmp_path / "params.yaml")], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        found = None
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            while time.time() < deadline + 60 and found is None:
+                time.sleep(2)
+                with get_client(sync_client=True) as client:
+                    deps = client.read_deployments()
+                found = next((d for d in deps if d.name == "crossmodal-retrain"), None)
+        assert found is not None, "deployment never appeared on the server"
+        (sched,) = found.schedules
+        assert sched.schedule.cron == "0 3 * * *" and sched.schedule.timezone == "Europe/Paris"
+    finally:
+        for proc in (serve, server):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

@@ -182,10 +182,19 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         summary: Annotated[Optional[Path], typer.Option(help="Where to write the summary JSON "
                                                              "(default paths.summary: reports/summary.json).")] = None,
         heads: Annotated[Optional[str], typer.Option(help="Comma-separated heads to train (default: all).")] = None,
+        model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default mlflow.model_name); "
+                                                               "use one per dataset or task.")] = None,
+        experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default mlflow.experiment).")] = None,
         ) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
-    extra = {"train.heads": [h.strip() for h in heads.split(",") if h.strip()]} if heads else None
+    extra: dict[str, Any] = {}
+    if heads:
+        extra["train.heads"] = [h.strip() for h in heads.split(",") if h.strip()]
+    if model_name:
+        extra["mlflow.model_name"] = model_name
+    if experiment:
+        extra["mlflow.experiment"] = experiment
     _, overrides = _config(params, manifest, data_root, cols, extra)  # validated here, before Prefect starts
     _run_flow(overrides, params, summary)
 
