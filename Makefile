@@ -25,7 +25,9 @@ $(DEV): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 install-dev: $(DEV)
 
+# The demo data is a DVC stage output (dvc.yaml: demo_data), so its hash is versioned and logged on each run.
 demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro demo_data
 	$(BIN)/crossmodal demo
 
 test: $(DEV)

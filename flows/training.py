@@ -18,11 +18,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import logging
 import crossmodal  # noqa: F401  (sets the offline, quiet environment defaults before Prefect loads)
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from crossmodal.config import Config, from_dict, load_config
+from crossmodal.errors import HideUserErrorTracebacks
+
+# Bad data or settings end in one clear log line, not a traceback from the engine's internals.
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(HideUserErrorTracebacks())
 
 
 def _transient(task, task_run, state) -> bool:

@@ -128,3 +128,23 @@ def test_schedule_serves_against_a_real_prefect_server(tmp_path):
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_user_errors_are_logged_without_traceback():
+    import logging
+    import sys
+
+    import flows.training  # noqa: F401  (installs the filter)
+    from crossmodal.errors import HideUserErrorTracebacks
+    from crossmodal.validate import ValidationFailed
+
+    logger = logging.getLogger("prefect.task_runs")
+    assert any(isinstance(f, HideUserErrorTracebacks) for f in logger.filters)
+    for exc, kept in ((ValidationFailed("too many rows quarantined"), False), (KeyError("a bug"), True)):
+        try:
+            raise exc
+        except Exception:
+            record = logger.makeRecord("x", logging.ERROR, __file__, 1, "failed: %r", (exc,), sys.exc_info())
+        HideUserErrorTracebacks().filter(record)
+        assert (record.exc_info is not None) == kept
+        assert "too many rows" in record.getMessage() or kept

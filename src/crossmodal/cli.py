@@ -32,22 +32,13 @@ ColOpt = Annotated[Optional[str], typer.Option(help="Manifest column holding thi
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from crossmodal.config import ConfigError
-    from crossmodal.data import DataError
-    from crossmodal.encoders import EncoderUnavailable
-    from crossmodal.model import PredictionInputError
-    from crossmodal.promotion import PromotionError
-    from crossmodal.validate import ValidationFailed
+    from crossmodal.errors import user_errors
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, ValidationFailed, EncoderUnavailable,
-                                         PromotionError, PredictionInputError]
     try:
         from flows.schedule import ScheduleError
-
-        errors.append(ScheduleError)
     except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+        return user_errors()
+    return (*user_errors(), ScheduleError)
 
 
 def _fail(message: str, code: int = 2) -> None:
