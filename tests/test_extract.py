@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from crossmodal import encoders, extract
+from crossmodal import embed, encoders, extract
 from crossmodal.config import ConfigError, EncodersConfig
 from crossmodal.encoders import IMAGE_ENCODERS, ImageEncoder
 from crossmodal.extract import (
@@ -51,9 +51,9 @@ def _fail_loading(monkeypatch, kind: str = "both"):
         raise AssertionError(f"encoder {name} was loaded although the cache should have served it")
 
     if kind in ("image", "both"):
-        monkeypatch.setattr(extract, "load_image_encoder", boom)
+        monkeypatch.setattr(embed, "load_image_encoder", boom)
     if kind in ("text", "both"):
-        monkeypatch.setattr(extract, "load_text_encoder", boom)
+        monkeypatch.setattr(embed, "load_text_encoder", boom)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_image_params_change_only_the_image_key(table, fx, tmp_path, monkeypatch
     base = extract_features(table, _cfg(), cache, progress=False, extractor=_borrow(fx, _cfg()))
 
     _fail_loading(monkeypatch, "text")  # text features must come from the cache
-    monkeypatch.setattr(extract, "load_image_encoder", lambda name, device: fx.image_encoder)
+    monkeypatch.setattr(embed, "load_image_encoder", lambda name, device: fx.image_encoder)
     bigger = extract_features(table, _cfg(image={"image_size": 72}), cache, progress=False)
     assert bigger.computed == {"image": True, "text": False}
     assert bigger.image_key != base.image_key and bigger.text_key == base.text_key
@@ -145,7 +145,7 @@ def test_image_params_change_only_the_image_key(table, fx, tmp_path, monkeypatch
         return ImageEncoder(name=name, module=net.eval(), dim=8, mean=(0.5,) * 3, std=(0.25,) * 3)
 
     monkeypatch.setitem(IMAGE_ENCODERS, "tiny_test", load_tiny)
-    monkeypatch.setattr(extract, "load_image_encoder", encoders.load_image_encoder)
+    monkeypatch.setattr(embed, "load_image_encoder", encoders.load_image_encoder)
     tiny = extract_features(table, _cfg(image={"name": "tiny_test"}), cache, progress=False)
     assert tiny.computed == {"image": True, "text": False}
     assert tiny.image_key not in (base.image_key, bigger.image_key)
@@ -233,9 +233,9 @@ def test_device_and_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    monkeypatch.setattr(extract, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None  # fp32 fallback where bf16 would be emulated
-    monkeypatch.setattr(extract, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
 
 

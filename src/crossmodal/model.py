@@ -42,7 +42,7 @@ class PredictionInputError(ValueError):
 class FusedModel:
     def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
                  max_pixels: int | None = None):
-        from crossmodal.extract import FeatureExtractor
+        from crossmodal.embed import FeatureExtractor
 
         self.head = head.eval()
         self.labels = list(labels)
