@@ -6,10 +6,19 @@ a temporary API server started once per session. Nothing is written to the repos
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Prefect keeps its database and persisted task results under PREFECT_HOME: give the session its own, removed at
+# exit, so tests never read or write the user's ~/.prefect. Set before Prefect is imported.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="crossmodal-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 
 import crossmodal  # noqa: F401  (offline, quiet environment defaults)
 from prefect.logging.configuration import setup_logging

@@ -101,6 +101,8 @@ class CrossmodalPyfunc(PythonModel):
 
     def load_context(self, context):
         self.model = FusedModel.load(context.artifacts["fused_model"])
+        # Load both encoders now, not on the first request (a server's first call would otherwise take seconds).
+        self.model.extractor.image_encoder, self.model.extractor.text_encoder  # noqa: B018
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         return self.model.predict(model_input)
