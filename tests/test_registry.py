@@ -130,3 +130,21 @@ def test_tracking_helpers(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking.resolve_tracking_uri(MlflowConfig()) == "http://127.0.0.1:5999"
     assert tracking.resolve_tracking_uri(MlflowConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
+
+
+def test_lineage_helpers(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    commit = tracking.git_commit(root)
+    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    assert tracking.git_commit(tmp_path) is None  # not a git repository
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "manifest.csv").write_text("image,text,label\n")
+    assert tracking.dvc_hash("shop/manifest.csv") is None
+    (tmp_path / "shop.dvc").write_text("outs:\n- md5: abc123.dir\n  path: shop\n")  # what `dvc add shop` writes
+    assert tracking.dvc_hash("shop/manifest.csv") == "abc123.dir"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  make:\n    outs:\n    - path: shop\n      md5: fed.dir\n")
+    assert tracking.dvc_hash("shop/manifest.csv") == "fed.dir"  # a pipeline output wins
