@@ -19,15 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from crossmodal.atomic import atomic_path, write_bytes, write_json
 from crossmodal.config import EncodersConfig
 from crossmodal.data import DataError
 from crossmodal.embed import (  # noqa: F401  (re-exported: the extraction API in one place)
@@ -132,28 +131,9 @@ def _is_cached(path: Path, rows: int) -> bool:
         return False
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode would make a shared cache unreadable).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False))
-
-
-def _save_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: given a name, np.save appends ".npy"
+        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
 
 
 def cached_features(validated_path: str | Path, cfg: EncodersConfig, cache_dir: str | Path) -> FeatureResult | None:
@@ -203,7 +183,7 @@ def extract_features(
             arr = _compute(fx, kind, df, progress, validated_path)
             seconds[kind] = round(time.perf_counter() - t0, 3)
             _save_npy(path, arr)
-            _save_json(path.with_suffix(".json"), {
+            write_json(path.with_suffix(".json"), sort_keys=True, obj={
                 "key": keys[kind], "kind": kind, "rows": len(df), "dim": arr.shape[1], "precision": precision,
                 "encoder": getattr(cfg, kind).name, "params": getattr(cfg, kind).model_dump(exclude={"batch_size"}),
                 "seconds": seconds[kind], "device": str(fx.device), "source": str(Path(validated_path).resolve()),
@@ -220,10 +200,10 @@ def extract_features(
         for kind in ("image", "text"):
             # A copy, not a link: DVC tracks out_dir and may move it into its own cache.
             dst = out / f"{kind}.npy"
-            _atomic_write(dst, lambda fh, src=paths[kind]: fh.write(src.read_bytes()))
+            write_bytes(dst, paths[kind].read_bytes())
         result.image_path, result.text_path = (out / "image.npy").resolve(), (out / "text.npy").resolve()
         # Only what the arrays depend on (no timings, no absolute paths): same inputs, same bytes for DVC.
-        _save_json(out / "features.json", {
+        write_json(out / "features.json", sort_keys=True, obj={
             "image_key": result.image_key, "text_key": result.text_key, "rows": len(df),
             "shapes": {"image": [len(df), dims["image"]], "text": [len(df), dims["text"]]},
             "image_encoder": cfg.image.name, "text_encoder": cfg.text.name, "precision": precision,

@@ -12,10 +12,10 @@ printed as one table and written as JSON for scripts and schedulers::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from crossmodal.atomic import write_json
 from crossmodal.config import Config
 
 
@@ -37,16 +37,6 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         "mlflow": mlflow_info or {},
         "promotion": decision or {},
     }
-
-
-def write_json(data: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON atomically, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
@@ -75,7 +65,7 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     summary = build_summary(metrics, validation, str((validated_dir / "quarantine.csv").resolve()), info,
                             decision.to_dict())
     if summary_path:
-        write_json(summary, summary_path)
+        write_json(summary_path, summary, default=str)
     return summary
 
 

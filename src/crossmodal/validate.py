@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -46,6 +45,7 @@ from typing import Any
 
 import pandas as pd
 
+from crossmodal.atomic import atomic_path, write_json
 from crossmodal.config import Config, ValidationConfig
 from crossmodal.data.manifest import DataError, read_manifest
 from crossmodal.data.split import SPLITS, assign_splits, normalize_split
@@ -190,10 +190,9 @@ def _write_quarantine(raw: pd.DataFrame, reasons: list[Reason | None], path: Pat
     idx = [i for i, r in enumerate(reasons) if r is not None]
     q = raw.iloc[idx][QUARANTINE_COLUMNS[:-1]].copy()
     q["reason"] = [reasons[i][1] for i in idx]
-    tmp = path.with_suffix(".csv.tmp")
-    # Raw bytes that were not UTF-8 are written back as \udcXX escapes: readable, and the file stays UTF-8.
-    q.to_csv(tmp, index=False, encoding="utf-8", errors="backslashreplace")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        # Raw bytes that were not UTF-8 are written back as \udcXX escapes: readable, and the file stays UTF-8.
+        q.to_csv(tmp, index=False, encoding="utf-8", errors="backslashreplace")
     return q
 
 
@@ -203,9 +202,8 @@ def _write_validated(kept: pd.DataFrame, path: Path) -> None:
 
     schema = pa.schema([(c, pa.int64() if c == "_row" else pa.string()) for c in VALIDATED_COLUMNS])
     table = pa.Table.from_pydict({c: kept[c].tolist() for c in VALIDATED_COLUMNS}, schema=schema)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _data_hash(kept: pd.DataFrame) -> str:
@@ -333,9 +331,7 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
                           "failing_ids": [frame.at[r, "id"] for r in e["rows"][:100]], "error": e["error"]}
                          for e in expectations],
         "warnings": warnings, "seconds": round(time.perf_counter() - t0, 3)}
-    tmp = paths["report"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, paths["report"])
+    write_json(paths["report"], report, default=str)
     log.info("validated %s: %d rows in, %d kept, %d quarantined (%s)", manifest_path, n, len(kept), n_q,
              dict(kinds.most_common(3)))
     for w in warnings:

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from crossmodal.atomic import atomic_path
 from crossmodal.config import DemoConfig
 
 LABELS = ("neutral", "sarcastic", "sincere")
@@ -254,10 +254,8 @@ def generate_demo(out_dir: str | Path, cfg: DemoConfig | None = None) -> Path:
         ]
 
     manifest = out / "manifest.csv"
-    tmp = manifest.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["id", "image", "text", "label", "group"])
         writer.writerows(rows)
-    os.replace(tmp, manifest)  # atomic: a reader never sees half a manifest
     return manifest
