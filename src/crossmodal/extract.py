@@ -136,19 +136,6 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
 
 
-def cached_features(validated_path: str | Path, cfg: EncodersConfig, cache_dir: str | Path) -> FeatureResult | None:
-    """The cached result for this table and config, or None when either modality would need computing."""
-    df = _read_validated(validated_path)
-    precision = precision_name(resolve_precision(cfg.precision, resolve_device(cfg.device)))
-    keys = feature_keys(df, cfg, precision)
-    paths = {k: _cache_file(cache_dir, k, key) for k, key in keys.items()}
-    if not all(_is_cached(p, len(df)) for p in paths.values()):
-        return None
-    dims = {k: int(np.load(p, mmap_mode="r").shape[1]) for k, p in paths.items()}
-    return FeatureResult(paths["image"], paths["text"], keys["image"], keys["text"], {"image": False, "text": False},
-                         len(df), dims["image"], dims["text"], cfg.image.name, cfg.text.name, precision)
-
-
 def extract_features(
     validated_path: str | Path,
     cfg: EncodersConfig,
