@@ -47,19 +47,20 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     from crossmodal import promotion, tracking
 
     validated_dir, reports_dir = Path(validated_dir), Path(reports_dir)
-    logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, run_name=run_name)
+    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    validation = json.loads((validated_dir / "validation.json").read_text())
+    frame = pd.read_parquet(validated_dir / "validated.parquet")
+    logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, metrics, validation,
+                                   frame, run_name=run_name)
     run_id = logged["run_id"]
     try:
         name = cfg.mlflow.model_name
         version = promotion.register(logged["model_uri"], name, run_id)
-        frame = pd.read_parquet(validated_dir / "validated.parquet")
         decision = promotion.gate(name, version, frame[frame["split"] == "test"], cfg.promotion, run_id=run_id)
     except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
     tracking.finish_run(run_id)
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
-    validation = json.loads((validated_dir / "validation.json").read_text())
     info = {"tracking_uri": logged["tracking_uri"], "experiment_id": logged["experiment_id"], "run_id": run_id,
             "model_name": name, "version": version, "champion_version": promotion.current_champion(name)}
     summary = build_summary(metrics, validation, str((validated_dir / "quarantine.csv").resolve()), info,

@@ -182,14 +182,17 @@ def _log_head_run(client, experiment_id: str, parent_id: str, head: str, head_di
 
 
 def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
-                 reports_dir: str | Path, run_name: str | None = None) -> dict[str, Any]:
+                 reports_dir: str | Path, metrics: dict[str, Any], validation: dict[str, Any], frame,
+                 run_name: str | None = None) -> dict[str, Any]:
     """Record a finished pipeline run in MLflow and log the best head as a pyfunc model.
+
+    ``metrics`` (reports_dir/metrics.json), ``validation`` (validated_dir/validation.json) and ``frame``
+    (validated_dir/validated.parquet) are passed in already read: the caller needs them too.
 
     Returns ``{"tracking_uri", "experiment_id", "run_id", "model_uri", "best_head", "head_runs"}``; the parent
     run stays open (status RUNNING) until :func:`finish_run`, so the registry step can tag it.
     """
     import mlflow
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from crossmodal import model as fused
@@ -198,8 +201,6 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     uri = configure(cfg.mlflow)
     experiment_id = ensure_experiment(cfg.mlflow)
     client = MlflowClient()
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
-    validation = json.loads((validated_dir / "validation.json").read_text())
     best = metrics["best_head"]
 
     tags = {"crossmodal.best_head": best, "crossmodal.data_hash": str(validation.get("data_hash")),
@@ -237,7 +238,6 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
         for head, head_metrics in metrics["heads"].items():
             head_runs[head] = _log_head_run(client, experiment_id, run_id, head, train_dir / head, reports_dir,
                                             head_metrics)
-        frame = pd.read_parquet(validated_dir / "validated.parquet")
         with mlflow.start_run(run_id=run_id):
             with warnings.catch_warnings():  # MLflow registers two equal local sources and warns it picked one
                 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
