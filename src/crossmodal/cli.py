@@ -194,10 +194,8 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
 def demo(params: ParamsOpt = Path("params.yaml"),
          summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None) -> None:
     """Generate the demo dataset (once) and run the whole pipeline on it."""
-    cfg, _ = _config(params)
     demo_dir = Path("data/demo")
-    if not (demo_dir / "manifest.csv").exists():
-        demo_data(out=demo_dir, params=params, force=False)
+    demo_data(out=demo_dir, params=params, force=False)  # validates params.yaml; reuses existing data
     _run_flow({"data.manifest": str(demo_dir / "manifest.csv")}, params, summary)
 
 
