@@ -113,33 +113,16 @@ def test_unknown_column_mapping(tmp_path):
     assert df["split"].isna().all() and df["group"].isna().all()
 
 
-def test_bad_json_line_names_the_line(tmp_path):
-    p = tmp_path / "m.jsonl"
-    p.write_text('{"image": "a.jpg", "text": "t", "label": "x"}\n{"image": "b.jpg", "text": \n')
-    with pytest.raises(DataError, match="line 2: not valid JSON"):
-        read_manifest(p, Columns())
-
-
-def test_json_line_that_is_not_an_object(tmp_path):
-    p = tmp_path / "m.jsonl"
-    p.write_text('["a.jpg", "t", "x"]\n')
-    with pytest.raises(DataError, match="line 1: expected a JSON object"):
-        read_manifest(p, Columns())
-
-
-def test_unsupported_extension_and_corrupt_parquet(tmp_path):
-    p = tmp_path / "m.xlsx"
-    p.write_text("x")
-    with pytest.raises(DataError, match="unsupported extension"):
-        read_manifest(p, Columns())
-    q = tmp_path / "m.parquet"
-    q.write_bytes(b"not parquet at all")
-    with pytest.raises(DataError, match="not a readable Parquet file"):
-        read_manifest(q, Columns())
-
-
-def test_malformed_csv(tmp_path):
-    p = tmp_path / "m.csv"
-    p.write_text('image,text,label\na.jpg,"unclosed quote,cat\n')
-    with pytest.raises(DataError, match="not valid CSV"):
+@pytest.mark.parametrize("name, content, match", [
+    ("m.jsonl", b'{"image": "a.jpg", "text": "t", "label": "x"}\n{"image": "b.jpg", "text": \n',
+     "line 2: not valid JSON"),
+    ("m.jsonl", b'["a.jpg", "t", "x"]\n', "line 1: expected a JSON object"),
+    ("m.xlsx", b"x", "unsupported extension"),
+    ("m.parquet", b"not parquet at all", "not a readable Parquet file"),
+    ("m.csv", b'image,text,label\na.jpg,"unclosed quote,cat\n', "not valid CSV"),
+])
+def test_unreadable_manifest_names_the_problem(tmp_path, name, content, match):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=match):
         read_manifest(p, Columns())
