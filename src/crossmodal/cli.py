@@ -176,10 +176,24 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default mlflow.model_name); "
                                                                "use one per dataset or task.")] = None,
         experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default mlflow.experiment).")] = None,
+        loss: Annotated[Optional[str], typer.Option(help="Training loss: cross_entropy or focal (train.loss).")] = None,
+        focal_gamma: Annotated[Optional[float], typer.Option(help="Focal loss gamma (train.focal_gamma).")] = None,
+        aux_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the auxiliary unimodal losses of "
+                                                                      "fusion heads (train.aux_loss_weight).")] = None,
+        ogm_ge: Annotated[Optional[bool], typer.Option("--ogm-ge/--no-ogm-ge", help="OGM-GE gradient modulation "
+                                                       "of the dominant modality (train.ogm_ge.enabled).")] = None,
+        ogm_alpha: Annotated[Optional[float], typer.Option(help="OGM-GE strength (train.ogm_ge.alpha).")] = None,
+        stacking_meta: Annotated[Optional[str], typer.Option(help="Stacking meta-classifier: logistic or mlp "
+                                                                  "(train.stacking.meta).")] = None,
         ) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
     extra: dict[str, Any] = {}
+    for key, value in (("train.loss", loss), ("train.focal_gamma", focal_gamma),
+                       ("train.aux_loss_weight", aux_loss_weight), ("train.ogm_ge.enabled", ogm_ge),
+                       ("train.ogm_ge.alpha", ogm_alpha), ("train.stacking.meta", stacking_meta)):
+        if value is not None:
+            extra[key] = value
     if heads:
         extra["train.heads"] = [h.strip() for h in heads.split(",") if h.strip()]
     if model_name:

@@ -14,8 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-HEAD_NAMES = ("image_only", "text_only", "concat", "gated", "add", "late", "attention")
+HEAD_NAMES = ("image_only", "text_only", "concat", "gated", "add", "late", "attention", "stacking",
+              "traditional_text", "traditional_image", "traditional_concat")
 UNIMODAL_HEADS = ("image_only", "text_only")
+# Baselines fitted with scikit-learn on handcrafted features (crossmodal.traditional): compared, never registered.
+TRADITIONAL_HEADS = ("traditional_text", "traditional_image", "traditional_concat")
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,41 @@ class EncodersConfig(_Section):
     num_workers: int = Field(0, ge=0)  # image decoding workers; 0 decodes in the main process
 
 
+class StackingConfig(_Section):
+    """Stacking late fusion: a meta-classifier on the unimodal heads' out-of-fold probabilities."""
+
+    meta: Literal["logistic", "mlp"] = "logistic"
+    folds: int = Field(5, ge=2, le=20)  # K of the K-fold on the train split that makes the out-of-fold probabilities
+    mlp_hidden: int = Field(16, ge=2)  # hidden units when meta is "mlp"
+
+
+class OgmGeConfig(_Section):
+    """On-the-fly gradient modulation with generalisation enhancement (Peng et al., CVPR 2022)."""
+
+    enabled: bool = False
+    alpha: float = Field(0.5, gt=0)  # strength: coefficient 1 - tanh(alpha * (ratio - 1)) for the dominant modality
+    gaussian_noise: bool = True  # the "GE" part: noise with the gradient's own std added to encoder gradients
+
+
+class TraditionalConfig(_Section):
+    """The scikit-learn baselines: TF-IDF text features, colour-histogram + HOG image features."""
+
+    max_features: int = Field(20000, ge=10)  # TF-IDF vocabulary cap
+    ngram_max: int = Field(2, ge=1, le=3)  # word n-grams 1..ngram_max
+    image_size: int = Field(64, ge=16, le=512)  # images are resized (centre crop) to this square before HOG
+    color_bins: int = Field(8, ge=2, le=64)  # per HSV channel
+    hog_cell: int = Field(8, ge=4)  # pixels per HOG cell
+    hog_orientations: int = Field(9, ge=4, le=36)
+    c_grid: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0])  # inverse regularisation, picked on val
+
+    @field_validator("c_grid")
+    @classmethod
+    def _positive(cls, grid: list[float]) -> list[float]:
+        if not grid or any(c <= 0 for c in grid):
+            raise ValueError("c_grid needs at least one value, all > 0")
+        return grid
+
+
 class TrainConfig(_Section):
     heads: list[str] = Field(default_factory=lambda: list(HEAD_NAMES))
     hidden_dim: int = Field(256, ge=8)
@@ -104,6 +142,12 @@ class TrainConfig(_Section):
     patience: int = Field(8, ge=1)  # early stopping on validation macro-F1
     class_weights: bool = True
     seed: int = 0
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(2.0, ge=0)  # focal loss (1 - p_y)^gamma down-weights easy examples; 0 = cross-entropy
+    aux_loss_weight: float = Field(0.0, ge=0)  # weight of the auxiliary unimodal losses of fusion heads; 0 = off
+    ogm_ge: OgmGeConfig = OgmGeConfig()
+    stacking: StackingConfig = StackingConfig()
+    traditional: TraditionalConfig = TraditionalConfig()
 
     @field_validator("heads")
     @classmethod

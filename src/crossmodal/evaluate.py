@@ -5,16 +5,28 @@
     print(comparison_table(metrics))
 
 Writes under ``out_dir``:
-    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality"}}, "labels",
-                                 "best_fusion", "best_unimodal", "best_head", "fusion_gain_macro_f1",
-                                 "selection_metric": "macro_f1"}
+    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality", "family", "temperature",
+                                 "ece", "ece_calibrated", "test_calibrated"}}, "labels", "best_fusion",
+                                 "best_unimodal", "best_head", "best_traditional", "registered_head",
+                                 "fusion_gain_macro_f1", "selection_metric": "macro_f1"}
     plots/<head>_confusion.png   test confusion matrix (counts)
     plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
+    plots/<head>_reliability.png test reliability diagram before and after temperature scaling
     per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
 
 Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
 winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
 class is missing from y_true, anything on an empty split) is ``None`` / JSON null.
+
+Calibration: every head, deep or traditional, gets a temperature ``T`` fitted on its validation
+probabilities (minimising the negative log-likelihood of ``softmax(log(p) / T)``); ``ece`` is the
+test ECE as trained, ``ece_calibrated`` after scaling. Scaling never changes the argmax, so accuracy,
+macro-F1 and the winner stay the same. The registered model applies its head's ``T``.
+
+Families: "frozen" (heads on frozen features), "finetuned", "traditional" (scikit-learn baselines).
+Winners (best_head, best_fusion, best_unimodal) are chosen among the deep heads; ``best_traditional``
+names the best baseline; ``registered_head`` is the head the registry step logs: the best deep fusion
+head (the best deep head when no fusion head was trained).
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import numpy as np
 
 ECE_BINS = 15
 SELECTION_METRIC = "macro_f1"
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # log-space search range; T outside it means the probabilities are unusable
+PROBA_EPS = 1e-12
 
 
 def _check(y_true, proba, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +107,55 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, labels) -> dict:
     }
 
 
+# ---------------------------------------------------------------- calibration
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log(p + 1e-12) / T)`` row-wise: T > 1 softens over-confident probabilities, T < 1 sharpens."""
+    p = np.asarray(proba, dtype=np.float64)
+    if p.size == 0:
+        return p.astype(np.float32)
+    z = np.log(p + PROBA_EPS) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def temperature_nll(y: np.ndarray, proba: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the true class after temperature scaling."""
+    y = np.asarray(y, dtype=np.int64)
+    z = np.log(np.asarray(proba, dtype=np.float64) + PROBA_EPS) / float(temperature)
+    z -= z.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=1))
+    return float((log_norm - z[np.arange(len(y)), y]).mean())
+
+
+def fit_temperature(y: np.ndarray, proba: np.ndarray) -> float:
+    """The T in TEMPERATURE_BOUNDS minimising validation NLL (bounded scalar search on log T); 1.0 without rows."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        return 1.0
+    lo, hi = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
+    res = minimize_scalar(lambda log_t: temperature_nll(y, proba, np.exp(log_t)), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-4})
+    best = float(np.exp(res.x))
+    # The NLL is convex in 1/T; still, never return a T that is worse than leaving the head alone.
+    return best if temperature_nll(y, proba, best) <= temperature_nll(y, proba, 1.0) else 1.0
+
+
+def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS):
+    """Per equal-width confidence bin: (mean confidence, accuracy, count); empty bins have count 0."""
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y).astype(np.float64)
+    idx = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    mean_conf = np.bincount(idx, weights=conf, minlength=bins) / np.maximum(count, 1)
+    accuracy = np.bincount(idx, weights=correct, minlength=bins) / np.maximum(count, 1)
+    return mean_conf, accuracy, count
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -154,6 +217,40 @@ def plot_roc(y: np.ndarray, proba: np.ndarray, labels, title: str, path: Path) -
     return path
 
 
+def plot_reliability(y: np.ndarray, before: np.ndarray, after: np.ndarray, temperature: float, title: str,
+                     path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    width = 1.0 / ECE_BINS
+    centres = (np.arange(ECE_BINS) + 0.5) * width
+    for ax, proba, name in ((axes[0], before, "as trained"), (axes[1], after, f"temperature T={temperature:.2f}")):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+        if len(y):
+            conf, acc, count = reliability_bins(y, proba)
+            shown = count > 0
+            ax.bar(centres[shown], acc[shown], width=width, edgecolor="black", alpha=0.7, label="accuracy")
+            ax.plot(conf[shown], acc[shown], "o", color="tab:red", markersize=3, label="(confidence, accuracy)")
+            ax.set_title(f"{name}: ECE {expected_calibration_error(y, proba):.3f}")
+            ax.legend(loc="upper left", fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no test rows", ha="center", va="center")
+            ax.set_title(name)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top-class probability)")
+    axes[0].set_ylabel("accuracy")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -206,10 +303,17 @@ def evaluate_all(train_dir, out_dir) -> dict:
         plots = out_dir / "plots"
         plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
         plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
-        heads[name] = {"modality": meta.get("modality", "fusion"), "val": val, "test": test, "per_class": per_class}
+        temperature = fit_temperature(pred["val_y"], _check(pred["val_y"], pred["val_proba"], labels)[1])
+        test_cal = compute_metrics(y_test, apply_temperature(p_test, temperature), labels)
+        plot_reliability(y_test, p_test, apply_temperature(p_test, temperature), temperature,
+                         f"{name}: test reliability", plots / f"{name}_reliability.png")
+        heads[name] = {"modality": meta.get("modality", "fusion"), "family": meta.get("family", "frozen"),
+                       "val": val, "test": test, "per_class": per_class, "temperature": temperature,
+                       "ece": test["ece"], "ece_calibrated": test_cal["ece"], "test_calibrated": test_cal}
 
-    fusion = [n for n in names if heads[n]["modality"] == "fusion"]
-    unimodal = [n for n in names if heads[n]["modality"] in ("image", "text")]
+    deep = [n for n in names if heads[n]["family"] != "traditional"]
+    fusion = [n for n in deep if heads[n]["modality"] == "fusion"]
+    unimodal = [n for n in deep if heads[n]["modality"] in ("image", "text")]
     best_fusion, best_unimodal = _pick(heads, fusion), _pick(heads, unimodal)
     gain = None
     if best_fusion and best_unimodal:
@@ -220,7 +324,9 @@ def evaluate_all(train_dir, out_dir) -> dict:
         "labels": labels,
         "best_fusion": best_fusion,
         "best_unimodal": best_unimodal,
-        "best_head": _pick(heads, names),
+        "best_head": _pick(heads, deep),
+        "best_traditional": _pick(heads, [n for n in names if heads[n]["family"] == "traditional"]),
+        "registered_head": best_fusion or _pick(heads, deep),
         "fusion_gain_macro_f1": gain,
         "selection_metric": SELECTION_METRIC,
     }
@@ -229,7 +335,11 @@ def evaluate_all(train_dir, out_dir) -> dict:
 
 
 def comparison_table(metrics: dict) -> str:
-    """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line."""
+    """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line.
+
+    ``family`` (traditional / frozen / finetuned) and ``kind`` (fusion / unimodal) put baselines and deep heads,
+    unimodal and fused, side by side; ``ECE cal`` is the test ECE after temperature scaling.
+    """
 
     def fmt(v):
         return "n/a" if v is None else f"{v:.3f}"
@@ -241,13 +351,16 @@ def comparison_table(metrics: dict) -> str:
 
     rows = sorted(heads, key=test_f1, reverse=True)  # stable: ties keep the registry order
     width = max([len("head")] + [len(n) for n in rows])
-    lines = [f"{'head':<{width}}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}"]
+    lines = [f"{'head':<{width}}  {'family':<11}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}  "
+             f"{'ECE':>8}  {'ECE-cal':>8}"]
     lines.append("-" * len(lines[0]))
     for n in rows:
         t = heads[n]["test"]
         kind = "fusion" if heads[n]["modality"] == "fusion" else "unimodal"
-        cells = [fmt(t["accuracy"]), fmt(t["macro_f1"]), fmt(t["roc_auc"])]
-        lines.append(f"{n:<{width}}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
+        family = heads[n].get("family", "frozen")
+        cells = [fmt(t["accuracy"]), fmt(t["macro_f1"]), fmt(t["roc_auc"]), fmt(t.get("ece")),
+                 fmt(heads[n].get("ece_calibrated"))]
+        lines.append(f"{n:<{width}}  {family:<11}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
     fusion, unimodal, gain = metrics.get("best_fusion"), metrics.get("best_unimodal"), metrics.get("fusion_gain_macro_f1")
     if fusion and unimodal and gain is not None:
         verb = "beats" if gain >= 0 else "trails"

@@ -10,6 +10,8 @@ It is saved as a folder (``model.json`` + ``head/``) and wrapped as an MLflow py
 
 Input columns: ``text`` (required) and, per row, ``image`` (a file path) or ``image_bytes`` (the encoded file's
 bytes; over REST, base64 as MLflow encodes binary columns). Output: ``label`` and one ``prob_<label>`` per class.
+The probabilities are calibrated: the head's temperature, fitted on validation by the evaluation, is stored in
+``model.json`` and applied as ``softmax(log(p + 1e-12) / T)`` (the label is unchanged by it).
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ class PredictionInputError(ValueError):
 
 class FusedModel:
     def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, temperature: float = 1.0):
         from crossmodal.embed import FeatureExtractor
 
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
         self.head = head.eval()
         self.labels = list(labels)
         self.head_name = head_name
@@ -57,7 +62,7 @@ class FusedModel:
         spec = json.loads((directory / MODEL_FILE).read_text())
         head = load_head(directory / HEAD_DIR)
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
-                   spec.get("max_image_pixels"))
+                   spec.get("max_image_pixels"), spec.get("temperature", 1.0))
 
     def predict_proba(self, images: list[Any], texts: list[str]) -> np.ndarray:
         from crossmodal.preprocess import ImageError
@@ -67,7 +72,12 @@ class FusedModel:
             img = self.extractor.embed_images(images)
         except ImageError as err:
             raise PredictionInputError(str(err)) from None
-        return predict_proba(self.head, img, self.extractor.embed_texts(texts))
+        proba = predict_proba(self.head, img, self.extractor.embed_texts(texts))
+        if self.temperature == 1.0:
+            return proba
+        from crossmodal.evaluate import apply_temperature
+
+        return apply_temperature(proba, self.temperature)
 
     def predict(self, frame: pd.DataFrame | dict | list) -> pd.DataFrame:
         from crossmodal.preprocess import clean_text
@@ -109,14 +119,15 @@ class CrossmodalPyfunc(PythonModel):
 
 
 def save_model_dir(train_dir: str | Path, head: str, encoders: EncodersConfig, dst: str | Path,
-                   max_image_pixels: int | None = None) -> Path:
+                   max_image_pixels: int | None = None, temperature: float = 1.0) -> Path:
     """Write the folder a :class:`FusedModel` loads from: the trained head and what it needs around it."""
     train_dir, dst = Path(train_dir), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copytree(train_dir / head, dst / HEAD_DIR, dirs_exist_ok=True)
     (dst / HEAD_DIR / "predictions.npz").unlink(missing_ok=True)  # training-time outputs, not model state
     labels = json.loads((train_dir / "labels.json").read_text())
-    spec = {"head": head, "labels": labels, "encoders": encoders.model_dump(), "max_image_pixels": max_image_pixels}
+    spec = {"head": head, "labels": labels, "encoders": encoders.model_dump(), "max_image_pixels": max_image_pixels,
+            "temperature": float(temperature)}
     (dst / MODEL_FILE).write_text(json.dumps(spec, indent=2))
     return dst
 
@@ -143,8 +154,11 @@ def signature(labels: list[str]):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.DataFrame):
-    """Log ``head`` from ``train_dir`` as a pyfunc named ``model`` in the active run; returns MLflow's ModelInfo."""
+def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.DataFrame, temperature: float = 1.0):
+    """Log ``head`` from ``train_dir`` as a pyfunc named ``model`` in the active run; returns MLflow's ModelInfo.
+
+    ``temperature``: the head's calibration temperature (metrics.json), applied to the returned probabilities.
+    """
     import mlflow
 
     package_dir = Path(__file__).resolve().parent
@@ -153,7 +167,7 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
                             "text": [str(example_rows["text"].iloc[0])]})
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_dir(train_dir, head, cfg.encoders, Path(tmp) / "fused_model",
-                                cfg.validation.max_image_pixels)
+                                cfg.validation.max_image_pixels, temperature)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(package_dir / "pyfunc_entry.py"),
@@ -162,5 +176,5 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
             signature=signature(labels),
             input_example=example,
             pip_requirements=_requirements(),
-            metadata={"head": head, "labels": labels},
+            metadata={"head": head, "labels": labels, "temperature": float(temperature)},
         )

@@ -3,7 +3,8 @@
 ``publish`` is what ``crossmodal register`` (the DVC stage) and the Prefect flow's last task call. The summary is
 printed as one table and written as JSON for scripts and schedulers::
 
-    {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece"}}, "best_fusion", "best_unimodal", "best_head",
+    {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
+     "modality"}}, "best_fusion", "best_unimodal", "best_head", "registered_head", "best_traditional",
      "fusion_gain_macro_f1", "rows": {"in", "kept", "quarantined", "quarantine_file"},
      "mlflow": {"tracking_uri", "experiment_id", "run_id", "model_name", "version", "champion_version"},
      "promotion": {"promoted", "reason", "metric", "challenger_score", "champion_score", "delta", ...}}
@@ -25,11 +26,14 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
     for head, m in metrics["heads"].items():
         test = m.get("test") or {}
         heads[head] = {k: test.get(k) for k in ("accuracy", "macro_f1", "roc_auc", "ece")}
+        heads[head].update({k: m.get(k) for k in ("family", "modality", "ece_calibrated", "temperature")})
     return {
         "heads": heads,
         "best_fusion": metrics.get("best_fusion"),
         "best_unimodal": metrics.get("best_unimodal"),
         "best_head": metrics.get("best_head"),
+        "registered_head": metrics.get("registered_head", metrics.get("best_head")),
+        "best_traditional": metrics.get("best_traditional"),
         "selection_metric": metrics.get("selection_metric", "macro_f1"),
         "fusion_gain_macro_f1": metrics.get("fusion_gain_macro_f1"),
         "rows": {"in": validation["rows_in"], "kept": validation["rows_kept"],
@@ -83,7 +87,8 @@ def render(summary: dict[str, Any], metrics: dict[str, Any] | None = None) -> st
     ml = summary.get("mlflow") or {}
     if ml:
         lines.append(f"mlflow: run {ml['run_id']} in {ml['tracking_uri']} (experiment {ml['experiment_id']})")
-        lines.append(f"model: {ml['model_name']} version {ml['version']} ({summary['best_head']}) is challenger; "
+        registered = summary.get("registered_head") or summary["best_head"]
+        lines.append(f"model: {ml['model_name']} version {ml['version']} ({registered}) is challenger; "
                      f"champion is version {ml['champion_version']}")
     decision = summary.get("promotion") or {}
     if decision:

@@ -156,7 +156,8 @@ def _log_head_run(client, experiment_id: str, parent_id: str, head: str, head_di
                                                  "crossmodal.head": head})
     rid = run.info.run_id
     info = json.loads((head_dir / "head.json").read_text())
-    params = {"head": head, "best_epoch": info.get("best_epoch"), "epochs_run": info.get("epochs_run")}
+    params = {"head": head, "best_epoch": info.get("best_epoch"), "epochs_run": info.get("epochs_run"),
+              "family": info.get("family", "frozen")}
     for k, v in (info.get("init_args") or {}).items():
         params[f"init.{k}"] = v
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in params.items()])
@@ -171,6 +172,7 @@ def _log_head_run(client, experiment_id: str, parent_id: str, head: str, head_di
         client.log_batch(rid, metrics=curve[i : i + 900])
     _log_metrics(client, rid, metrics.get("val") or {}, "val_")
     _log_metrics(client, rid, metrics.get("test") or {}, "test_")
+    _log_metrics(client, rid, {k: metrics.get(k) for k in ("temperature", "ece_calibrated")})
     for plot in sorted((reports / "plots").glob(f"{head}_*.png")):
         client.log_artifact(rid, str(plot), "plots")
     per_class = reports / "per_class" / f"{head}.json"
@@ -201,7 +203,7 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     uri = configure(cfg.mlflow)
     experiment_id = ensure_experiment(cfg.mlflow)
     client = MlflowClient()
-    best = metrics["best_head"]
+    best = metrics.get("registered_head") or metrics["best_head"]  # never a traditional baseline
 
     tags = {"crossmodal.best_head": best, "crossmodal.data_hash": str(validation.get("data_hash")),
             "crossmodal.manifest": str(Path(manifest_path).resolve())}
@@ -246,7 +248,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
                                                   name=Path(manifest_path).parent.name or "manifest",
                                                   targets="label")
             mlflow.log_input(dataset, context="training")
-            info = fused.log_model(train_dir, best, cfg, frame[frame["split"] == "test"])
+            info = fused.log_model(train_dir, best, cfg, frame[frame["split"] == "test"],
+                                   metrics["heads"][best].get("temperature") or 1.0)
         return {"tracking_uri": redact_uri(uri), "experiment_id": experiment_id, "run_id": run_id,
                 "model_uri": info.model_uri, "best_head": best, "head_runs": head_runs}
     except BaseException:

@@ -11,7 +11,9 @@ What ``train_all`` writes under ``out_dir``:
     <head>/head.json               name, modality, init_args, best_epoch, epochs_run, history, val metrics
     <head>/predictions.npz         val_/test_ proba (N, C) float32, y int64, ids str
 
-The loop: cross-entropy (optionally with balanced class weights), mini-batches from a
+The loop: cross-entropy or focal loss (``train.loss``; optionally with balanced class weights),
+optional auxiliary unimodal losses and OGM-GE gradient modulation (crossmodal.modality, their
+per-modality scores and coefficients added to each epoch's history), mini-batches from a
 seeded generator, validation after every epoch, early stopping on validation macro-F1
 with ``cfg.patience``, and the best epoch's weights restored at the end. Features are
 small, so everything runs on the CPU in full precision; with one seed a run is
@@ -180,7 +182,8 @@ def torch_threads(n: int):
 def train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int):
     """Train head ``name``; returns ``(head, history)`` with the best epoch's weights loaded, in eval mode.
 
-    ``history`` has one dict per epoch run: epoch (1-based), train_loss, val_loss, val_macro_f1.
+    ``history`` has one dict per epoch run: epoch (1-based), train_loss, val_loss, val_macro_f1 (and, with
+    auxiliary losses or OGM-GE on, score_image, score_text, ratio_image_text, coeff_*, aux_loss).
     The best epoch is the one with the highest val_macro_f1 (ties: lower val_loss); see :func:`best_epoch`.
     """
     with torch_threads(TRAIN_THREADS):
@@ -189,9 +192,10 @@ def train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: in
 
 def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int):
     import torch
-    from torch import nn
 
     from crossmodal.fusion import build_head, fit_standardizers
+    from crossmodal.losses import make_criterion
+    from crossmodal.modality import ModalityBalancer
 
     for split in ("train", "val"):
         if len(data.y[split]) == 0:
@@ -207,7 +211,8 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
     xi, xt, y = tensor(data.image["train"]), tensor(data.text["train"]), tensor(data.y["train"], torch.int64)
     vi, vt, vy = tensor(data.image["val"]), tensor(data.text["val"]), tensor(data.y["val"], torch.int64)
     weight = tensor(balanced_class_weights(data.y["train"], num_classes)) if cfg.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
+    criterion = make_criterion(cfg, weight)
+    balancer = ModalityBalancer.for_head(head, cfg)  # None unless aux losses / OGM-GE are on for a fusion head
     optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order: independent of the global RNG
     custom_loss = getattr(head, "loss", None)  # late fusion trains its two classifiers on their own losses
@@ -222,7 +227,11 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
             optimizer.zero_grad(set_to_none=True)
             bi, bt, by = xi[idx], xt[idx], y[idx]
             loss = custom_loss(bi, bt, by, criterion) if custom_loss else criterion(head(bi, bt), by)
+            if balancer is not None:
+                loss = loss + balancer.batch(bi, bt, by, criterion)
             loss.backward()
+            if balancer is not None:
+                balancer.modulate()
             optimizer.step()
             total += loss.item() * len(idx)
 
@@ -232,7 +241,8 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
             val_loss = float(criterion(val_logits, vy))
         val_f1 = macro_f1(data.y["val"], val_logits.argmax(1).numpy())
         history.append(
-            {"epoch": epoch, "train_loss": total / n, "val_loss": val_loss, "val_macro_f1": val_f1}
+            {"epoch": epoch, "train_loss": total / n, "val_loss": val_loss, "val_macro_f1": val_f1,
+             **(balancer.epoch_summary() if balancer is not None else {})}
         )
         if not np.isfinite(total):
             raise TrainError(
@@ -347,8 +357,9 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
     """Train every head in ``cfg.heads`` and write their weights, metadata and predictions under ``out_dir``."""
     import shutil
 
-    from crossmodal.config import HEAD_NAMES
+    from crossmodal.config import HEAD_NAMES, TRADITIONAL_HEADS
     from crossmodal.evaluate import compute_metrics
+    from crossmodal.fusion.stacking import train_stacking
 
     data, labels = load_split_features(validated_path, image_features_path, text_features_path)
     out_dir = Path(out_dir)
@@ -361,9 +372,17 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
 
     rows = {s: int(len(data.y[s])) for s in SPLITS}
     result = TrainResult(out_dir=str(out_dir), labels=labels, heads=list(cfg.heads), rows=rows)
+    unimodal: dict = {}  # trained image_only / text_only, reused as stacking's base heads
     for name in cfg.heads:
+        if name in TRADITIONAL_HEADS:
+            continue  # scikit-learn baselines on raw inputs: trained below
         start = time.perf_counter()
-        head, history = train_head(name, data, cfg, len(labels))
+        if name == "stacking":
+            head, history = train_stacking(data, cfg, len(labels), base_heads=unimodal)
+        else:
+            head, history = train_head(name, data, cfg, len(labels))
+        if name in ("image_only", "text_only"):
+            unimodal[name] = head
         seconds = time.perf_counter() - start
         with torch_threads(TRAIN_THREADS):
             proba = {s: predict_proba(head, data.image[s], data.text[s]) for s in ("val", "test")}
@@ -376,6 +395,7 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
             "history": history,
             "labels": labels,
             "config": cfg.model_dump(),
+            "family": "frozen",
         }
         head_dir = save_head(head, out_dir / name, info)
         np.savez(
@@ -389,4 +409,14 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
         result.best_epoch[name] = info["best_epoch"]
         result.epochs_run[name] = info["epochs_run"]
         result.seconds[name] = round(seconds, 3)
+    traditional = [h for h in cfg.heads if h in TRADITIONAL_HEADS]
+    if traditional:
+        from crossmodal.traditional import train_traditional
+
+        for name, info in train_traditional(validated_path, data, labels, cfg, out_dir, traditional).items():
+            result.head_dirs[name] = str(out_dir / name)
+            result.val_macro_f1[name] = info["val_metrics"]["macro_f1"]
+            result.best_epoch[name] = info["best_epoch"]
+            result.epochs_run[name] = info["epochs_run"]
+            result.seconds[name] = info["train_seconds"]
     return result

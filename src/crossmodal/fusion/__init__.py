@@ -25,6 +25,7 @@ from crossmodal.fusion.common import Standardize
 from crossmodal.fusion.concat import ConcatHead
 from crossmodal.fusion.gated import GatedHead
 from crossmodal.fusion.late import LateFusionHead
+from crossmodal.fusion.stacking import StackingHead
 from crossmodal.fusion.unimodal import ImageOnlyHead, TextOnlyHead
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ HEADS: dict[str, type[nn.Module]] = {
     "add": AddHead,
     "late": LateFusionHead,
     "attention": AttentionHead,
+    "stacking": StackingHead,
 }
-assert tuple(HEADS) == HEAD_NAMES, "fusion.HEADS and config.HEAD_NAMES must list the same heads"
+# Every nn.Module head is a named head; the traditional baselines (crossmodal.traditional) are not nn.Modules.
+assert set(HEADS) <= set(HEAD_NAMES), "every fusion.HEADS entry must be named in config.HEAD_NAMES"
 
 __all__ = ["HEADS", "Standardize", "build_head", "fit_standardizers"]
 
@@ -53,10 +56,15 @@ def build_head(
     *,
     hidden_dim: int | None = None,
     dropout: float | None = None,
+    **extra,
 ) -> nn.Module:
-    """Create head ``name``; sizes from ``cfg`` (or the explicit keywords, which win, as in ``init_args``)."""
+    """Create head ``name``; sizes from ``cfg`` (or the explicit keywords, which win, as in ``init_args``).
+
+    ``extra`` holds a head's own arguments beyond the shared ones (e.g. stacking's ``meta``).
+    """
     if name not in HEADS:
-        raise ValueError(f"unknown fusion head {name!r}; choose from {list(HEADS)}")
+        raise ValueError(f"unknown fusion head {name!r}; choose from {list(HEADS)} (traditional_* heads are "
+                         "scikit-learn baselines: see crossmodal.traditional)")
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
     if image_dim < 1 or text_dim < 1:
@@ -65,7 +73,7 @@ def build_head(
         hidden_dim = cfg.hidden_dim if cfg is not None else 256
     if dropout is None:
         dropout = cfg.dropout if cfg is not None else 0.2
-    return HEADS[name](image_dim, text_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout)
+    return HEADS[name](image_dim, text_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout, **extra)
 
 
 def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.ndarray) -> nn.Module:

@@ -1,0 +1,174 @@
+"""Stacking late fusion: a meta-classifier on the unimodal heads' out-of-fold probabilities.
+
+The weighted average of ``late`` learns one number; stacking learns how to combine the two unimodal
+classifiers per class (e.g. "trust the text for class A, the image for class B"). The meta-classifier
+must see probabilities like the ones it will get at prediction time, i.e. from classifiers that did
+*not* train on the row, so it is fitted on out-of-fold probabilities:
+
+1. the train split is cut into ``train.stacking.folds`` stratified folds;
+2. for each fold, ``image_only`` and ``text_only`` are trained on the other folds (early stopping on
+   the validation split, as usual) and predict the held-out fold;
+3. the meta-classifier (``logistic``: one linear layer; ``mlp``: one hidden layer) is fitted on these
+   out-of-fold probabilities [p_image | p_text] with the training loss (class weights, focal or not);
+4. the two unimodal heads trained on the whole train split supply the probabilities at prediction time.
+
+The result is one ``nn.Module`` holding both unimodal heads and the meta layer, saved as safetensors
+and loaded by ``load_head`` / ``FusedModel`` like any head:
+
+    head, history = train_stacking(data, cfg, num_classes)      # data: crossmodal.train.SplitFeatures
+    logits = head(image, text)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from crossmodal.fusion.common import base_init_args
+from crossmodal.fusion.unimodal import ImageOnlyHead, TextOnlyHead
+
+META_KINDS = ("logistic", "mlp")
+META_L2 = 1e-3  # ridge penalty of the meta-classifier: a handful of weights fitted on a few hundred rows
+META_MAX_ITER = 200
+
+
+class StackingHead(nn.Module):
+    name = "stacking"
+    modality = "fusion"
+
+    def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2,
+                 meta: str = "logistic", meta_hidden: int = 16):
+        super().__init__()
+        if meta not in META_KINDS:
+            raise ValueError(f"unknown stacking meta-classifier {meta!r}; set train.stacking.meta to one of "
+                             f"{list(META_KINDS)}")
+        self.init_args = {**base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout),
+                          "meta": meta, "meta_hidden": int(meta_hidden)}
+        self.image_head = ImageOnlyHead(image_dim, text_dim, num_classes, hidden_dim, dropout)
+        self.text_head = TextOnlyHead(image_dim, text_dim, num_classes, hidden_dim, dropout)
+        features = 2 * num_classes
+        if meta == "logistic":
+            self.meta = nn.Sequential(nn.Linear(features, num_classes))
+        else:
+            self.meta = nn.Sequential(nn.Linear(features, meta_hidden), nn.ReLU(), nn.Linear(meta_hidden, num_classes))
+
+    def base_probabilities(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[p_image | p_text], (N, 2C): what the meta-classifier reads."""
+        return torch.cat([torch.softmax(self.image_head(image, text), 1), torch.softmax(self.text_head(image, text), 1)],
+                         dim=1)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.meta(self.base_probabilities(image, text))
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def fold_assignment(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..folds-1) per row, stratified: each class is shuffled and dealt round-robin.
+
+    The deal continues across classes, so fold sizes differ by at most one row.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) < folds:
+        raise ValueError(f"stacking needs at least {folds} train rows for {folds} folds, got {len(y)}; "
+                         "lower train.stacking.folds")
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(y), dtype=np.int64)
+    start = 0
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        out[rows] = (start + np.arange(len(rows))) % folds
+        start = (start + len(rows)) % folds
+    return out
+
+
+def out_of_fold_probabilities(data, cfg, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N_train, 2C) [p_image | p_text] for every train row from heads that never saw it; and the fold per row."""
+    from crossmodal import train as T
+
+    fold = fold_assignment(data.y["train"], cfg.stacking.folds, cfg.seed)
+    oof = np.zeros((len(fold), 2 * num_classes), dtype=np.float32)
+    for k in range(cfg.stacking.folds):
+        held = fold == k
+        part = T.SplitFeatures(
+            image={"train": data.image["train"][~held], "val": data.image["val"], "test": data.image["train"][held]},
+            text={"train": data.text["train"][~held], "val": data.text["val"], "test": data.text["train"][held]},
+            y={"train": data.y["train"][~held], "val": data.y["val"], "test": data.y["train"][held]},
+            ids={"train": data.ids["train"][~held], "val": data.ids["val"], "test": data.ids["train"][held]},
+        )
+        for column, name in enumerate(("image_only", "text_only")):
+            head, _ = T.train_head(name, part, cfg, num_classes)
+            with T.torch_threads(T.TRAIN_THREADS):
+                proba = T.predict_proba(head, part.image["test"], part.text["test"])
+            oof[held, column * num_classes : (column + 1) * num_classes] = proba
+    return oof, fold
+
+
+def fit_meta(meta: nn.Module, features: np.ndarray, y: np.ndarray, criterion: nn.Module, seed: int) -> float:
+    """Fit the meta layer by full-batch L-BFGS on ``criterion`` + a small ridge penalty; returns the final loss."""
+    torch.manual_seed(seed)
+    for layer in meta:
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    weights = [p for n, p in meta.named_parameters() if n.endswith("weight")]
+    optimizer = torch.optim.LBFGS(meta.parameters(), lr=1.0, max_iter=META_MAX_ITER, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(meta(x), t) + META_L2 * sum((w**2).sum() for w in weights)
+        loss.backward()
+        return loss
+
+    meta.train()
+    optimizer.step(closure)
+    meta.eval()
+    with torch.no_grad():
+        return float(criterion(meta(x), t))
+
+
+def train_stacking(data, cfg, num_classes: int, base_heads: dict[str, nn.Module] | None = None):
+    """Train the stacking head; returns ``(head, history)`` like ``train_head`` (one history row).
+
+    ``base_heads`` may hold ``image_only`` / ``text_only`` already trained on the same data and settings
+    (``train_all`` passes them), which saves training them again; they are bit-identical either way.
+    """
+    from crossmodal import train as T
+    from crossmodal.fusion import build_head
+    from crossmodal.losses import make_criterion
+
+    for split in ("train", "val"):
+        if len(data.y[split]) == 0:
+            raise T.TrainError(f"the {split} split has no rows; stacking needs train rows and val rows")
+    try:
+        oof, _ = out_of_fold_probabilities(data, cfg, num_classes)
+    except ValueError as err:
+        raise T.TrainError(str(err)) from None
+    head = build_head("stacking", data.image_dim, data.text_dim, num_classes, cfg,
+                      meta=cfg.stacking.meta, meta_hidden=cfg.stacking.mlp_hidden)
+    base_heads = base_heads or {}
+    for attr, name in (("image_head", "image_only"), ("text_head", "text_only")):
+        trained = base_heads.get(name)
+        if trained is None:
+            trained, _ = T.train_head(name, data, cfg, num_classes)
+        getattr(head, attr).load_state_dict(trained.state_dict())
+
+    weight = None
+    if cfg.class_weights:
+        weight = torch.from_numpy(T.balanced_class_weights(data.y["train"], num_classes))
+    criterion = make_criterion(cfg, weight)
+    with T.torch_threads(T.TRAIN_THREADS):
+        train_loss = fit_meta(head.meta, oof, data.y["train"], criterion, cfg.seed)
+        head.eval()
+        with torch.no_grad():
+            val_logits = head(torch.from_numpy(data.image["val"]), torch.from_numpy(data.text["val"]))
+            val_loss = float(criterion(val_logits, torch.from_numpy(data.y["val"])))
+    oof_f1 = {m: T.macro_f1(data.y["train"], oof[:, k * num_classes : (k + 1) * num_classes].argmax(1))
+              for k, m in enumerate(("image", "text"))}
+    history = [{"epoch": 1, "train_loss": train_loss, "val_loss": val_loss,
+                "val_macro_f1": T.macro_f1(data.y["val"], val_logits.argmax(1).numpy()),
+                "oof_macro_f1_image": oof_f1["image"], "oof_macro_f1_text": oof_f1["text"]}]
+    return head, history
