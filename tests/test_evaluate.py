@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal.config import TrainConfig
+from crossmodal.config import HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
 from crossmodal.evaluate import comparison_table, compute_metrics, evaluate_all
 from crossmodal.train import train_all
 
@@ -85,10 +85,10 @@ def test_comparison_table_rows_and_gain_line():
     }
     table = comparison_table(metrics)
     lines = table.splitlines()
-    assert lines[0].split() == ["head", "kind", "accuracy", "macro-F1", "AUC-ROC"]
+    assert lines[0].split() == ["head", "family", "kind", "accuracy", "macro-F1", "AUC-ROC", "ECE", "ECE-cal"]
     assert [line.split()[0] for line in lines[2:5]] == ["concat", "text_only", "image_only"]
-    assert lines[2].split() == ["concat", "fusion", "0.835", "0.835", "n/a"]
-    assert lines[3].split()[1] == "unimodal"
+    assert lines[2].split()[:6] == ["concat", "frozen", "fusion", "0.835", "0.835", "n/a"]
+    assert lines[3].split()[2] == "unimodal"
     assert len({len(line) for line in lines[2:5]}) == 1  # fixed width
     assert lines[-1] == "best fusion concat beats best unimodal text_only by +12.3 macro-F1 points (test)"
     metrics["fusion_gain_macro_f1"] = -0.05
@@ -96,11 +96,15 @@ def test_comparison_table_rows_and_gain_line():
     assert last == "best fusion concat trails best unimodal text_only by -5.0 macro-F1 points (test)"
     metrics.update(best_unimodal=None, fusion_gain_macro_f1=None)
     assert "n/a" in comparison_table(metrics).splitlines()[-1]
+    metrics["heads"]["traditional_text"] = {**_head_metrics("text", 0.6, 0.6), "family": "traditional",
+                                            "ece_calibrated": 0.042}
+    row = next(line for line in comparison_table(metrics).splitlines() if line.startswith("traditional_text"))
+    assert row.split() == ["traditional_text", "traditional", "unimodal", "0.600", "0.600", "0.900", "0.100", "0.042"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small train_all output: 3 classes, all 7 heads, a few epochs."""
+    """A small train_all output: 3 classes, every deep head, a few epochs."""
     root = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     n, labels = 180, ["bird", "cat", "dog"]
@@ -113,7 +117,8 @@ def trained(tmp_path_factory):
     )
     np.save(root / "image.npy", image)
     np.save(root / "text.npy", text)
-    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3)
+    deep = [h for h in HEAD_NAMES if h not in TRADITIONAL_HEADS]  # the baselines need raw images and texts
+    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3, heads=deep, stacking={"folds": 3})
     train_all(root / "validated.parquet", root / "image.npy", root / "text.npy", cfg, root / "train")
     return root
 
@@ -124,10 +129,13 @@ def test_evaluate_all_writes_metrics_plots_and_per_class(trained):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     heads = metrics["heads"]
-    assert list(heads) == ["image_only", "text_only", "concat", "gated", "add", "late", "attention"]
+    assert list(heads) == ["image_only", "text_only", "concat", "gated", "add", "late", "attention", "stacking"]
     for name, h in heads.items():
-        assert {"val", "test", "per_class"} <= set(h)
+        assert {"val", "test", "per_class", "family", "temperature", "ece", "ece_calibrated"} <= set(h)
         assert {"accuracy", "macro_f1", "roc_auc", "ece"} <= set(h["test"])
+        assert h["family"] == "frozen" and h["ece"] == h["test"]["ece"] and h["temperature"] > 0
+        assert h["test_calibrated"]["macro_f1"] == h["test"]["macro_f1"]  # scaling keeps every decision
+        assert (out / "plots" / f"{name}_reliability.png").is_file()
         assert 0 <= h["test"]["macro_f1"] <= 1 and 0 <= h["val"]["ece"] <= 1
         per_class = json.loads((out / "per_class" / f"{name}.json").read_text())
         assert per_class == h["per_class"]
@@ -144,7 +152,7 @@ def test_evaluate_all_writes_metrics_plots_and_per_class(trained):
     assert metrics["fusion_gain_macro_f1"] == pytest.approx(gain)
     assert metrics["selection_metric"] == "macro_f1"
     table = comparison_table(metrics)
-    assert len(table.splitlines()) == 2 + 7 + 1 and metrics["best_fusion"] in table.splitlines()[-1]
+    assert len(table.splitlines()) == 2 + 8 + 1 and metrics["best_fusion"] in table.splitlines()[-1]
 
 
 def test_evaluate_all_needs_a_training_output(tmp_path):

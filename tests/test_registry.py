@@ -55,6 +55,13 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
     assert saved["mlflow"]["version"] == "1" and saved["mlflow"]["champion_version"] == "1"
     assert saved["promotion"]["promoted"] is True and saved["promotion"]["reason"] == "no champion yet"
     assert set(saved["heads"]) == set(cfg.train.heads)
+    assert {"stacking", "traditional_text", "traditional_image", "traditional_concat"} <= set(saved["heads"])
+    for head, entry in saved["heads"].items():  # the keys scripts read
+        assert {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family"} <= set(entry)
+        assert entry["family"] == ("traditional" if head.startswith("traditional_") else "frozen")
+        assert 0 <= entry["ece_calibrated"] <= 1 and entry["temperature"] > 0
+    assert saved["heads"][saved["registered_head"]]["family"] == "frozen"
+    assert saved["best_traditional"].startswith("traditional_")
     rows = saved["rows"]
     assert rows["in"] == rows["kept"] + rows["quarantined"] and rows["quarantined"] > 0
 
@@ -92,7 +99,7 @@ def _register_head(tiny_run, head, name, tmp_path):
 
 
 def test_gate_promotes_only_a_real_improvement_and_rollback(tiny_run, mlflow_store, tmp_path):
-    metrics = tiny_run["metrics"]["heads"]
+    metrics = {h: m for h, m in tiny_run["metrics"]["heads"].items() if m["family"] != "traditional"}  # registrable
     worst = min(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
     best = max(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
     assert metrics[best]["test"]["macro_f1"] - metrics[worst]["test"]["macro_f1"] > 0.05
