@@ -63,7 +63,6 @@ def test_reliability_bins_match_the_ece():
 
 def test_registered_pyfunc_returns_calibrated_probabilities(tiny_run, mlflow_store, tmp_path):
     import mlflow
-
     from crossmodal.model import FusedModel, log_model, save_model_dir
 
     metrics = tiny_run["metrics"]

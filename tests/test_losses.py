@@ -117,7 +117,7 @@ def test_generalisation_noise_uses_the_gradient_scale():
 def test_ogm_ge_training_logs_the_modality_contribution_per_epoch():
     data = imbalanced_modalities()
     cfg = TrainConfig(**FAST, ogm_ge={"enabled": True, "alpha": 1.0})
-    head, history = train_head("add", data, cfg, 2)
+    _, history = train_head("add", data, cfg, 2)
     assert all({"score_image", "score_text", "ratio_image_text", "coeff_image", "coeff_text"} <= set(h)
                for h in history)
     late = history[1:]  # after the first epoch the image has won the race
@@ -152,3 +152,24 @@ def test_unimodal_logits_use_the_training_mean_for_the_other_modality():
     with torch.no_grad():
         torch.testing.assert_close(li, head(xi, head.text_norm.mean.expand_as(xt)))
         torch.testing.assert_close(lt, head(head.image_norm.mean.expand_as(xi), xt))
+
+
+def test_modality_contribution_reaches_mlflow_per_epoch(mlflow_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from crossmodal import tracking
+    from crossmodal.train import save_head
+
+    data = imbalanced_modalities(n=200)
+    head, history = train_head("gated", data, TrainConfig(**{**FAST, "max_epochs": 3},
+                                                          ogm_ge={"enabled": True}), 2)
+    head_dir = save_head(head, tmp_path / "gated", {"history": history, "best_epoch": 1, "epochs_run": 3})
+    (tmp_path / "reports" / "plots").mkdir(parents=True)
+    client = MlflowClient()
+    experiment = client.create_experiment("ogm")
+    parent = client.create_run(experiment).info.run_id
+    rid = tracking._log_head_run(client, experiment, parent, "gated", head_dir, tmp_path / "reports", {})
+    for key in ("score_image", "score_text", "ratio_image_text", "coeff_image", "coeff_text"):
+        logged = client.get_metric_history(rid, f"epoch_{key}")
+        assert [m.step for m in logged] == [0, 1, 2]
+        assert [m.value for m in logged] == pytest.approx([h[key] for h in history])

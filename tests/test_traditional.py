@@ -11,8 +11,8 @@ from PIL import Image
 
 from crossmodal.config import TRADITIONAL_HEADS, TrainConfig
 from crossmodal.evaluate import evaluate_all
-from crossmodal.train import TrainError, train_all
 from crossmodal.traditional import hog, image_descriptor
+from crossmodal.train import TrainError, train_all
 
 
 def test_hog_finds_the_gradient_orientation():

@@ -351,8 +351,9 @@ def comparison_table(metrics: dict) -> str:
 
     rows = sorted(heads, key=test_f1, reverse=True)  # stable: ties keep the registry order
     width = max([len("head")] + [len(n) for n in rows])
-    lines = [f"{'head':<{width}}  {'family':<11}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}  "
-             f"{'ECE':>8}  {'ECE-cal':>8}"]
+    header = (f"{'head':<{width}}  {'family':<11}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}  "
+              f"{'ECE':>8}  {'ECE-cal':>8}")
+    lines = [header]
     lines.append("-" * len(lines[0]))
     for n in rows:
         t = heads[n]["test"]

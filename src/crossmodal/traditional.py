@@ -56,7 +56,8 @@ def hog(gray: np.ndarray, cell: int = 8, orientations: int = 9) -> np.ndarray:
     cell_index = np.broadcast_to(cy * nx + cx, g.shape).ravel()
     hist = np.zeros(ny * nx * orientations)
     for bins, weight in ((low % orientations, 1.0 - w_high), ((low + 1) % orientations, w_high)):
-        np.add.at(hist, cell_index * orientations + bins.ravel(), (magnitude * weight).ravel())
+        hist += np.bincount(cell_index * orientations + bins.ravel(), weights=(magnitude * weight).ravel(),
+                            minlength=hist.size)
     hist = hist.reshape(ny, nx, orientations)
     blocks = np.concatenate([hist[:-1, :-1], hist[1:, :-1], hist[:-1, 1:], hist[1:, 1:]], axis=2)
     eps = 1e-5
@@ -83,7 +84,7 @@ def image_descriptor(img, cfg) -> np.ndarray:
 
 
 def _absent(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value)
+    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value)
 
 
 def image_features(paths, ids, cfg) -> np.ndarray:
@@ -135,13 +136,16 @@ def fit_select(x: dict, y: dict, num_classes: int, cfg) -> tuple[object, list[di
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     from crossmodal.train import is_better, macro_f1
 
     history, best = [], None
     for i, c in enumerate(cfg.traditional.c_grid, start=1):
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if cfg.class_weights else None)
-        with warnings.catch_warnings():
+        # One BLAS thread, as for the deep heads (train.torch_threads): with anything else running on a 2-core
+        # machine, OpenBLAS threads wait on each other and a fit took 7-10 s instead of 1 s.
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)  # the best C on validation decides, not the solver
             clf.fit(x["train"], y["train"])
         p_train, p_val = _full_proba(clf, x["train"], num_classes), _full_proba(clf, x["val"], num_classes)
