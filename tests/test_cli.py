@@ -71,3 +71,20 @@ def test_schedule_needs_a_server(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "prefect server start" in _err(result)
     result = runner.invoke(app, ["schedule", "--cron", "not a cron"])
     assert result.exit_code == 2 and "Invalid cron" in _err(result)
+
+
+def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path, monkeypatch):
+    import crossmodal.cli as cli
+    from crossmodal.config import load_config
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary: seen.update(overrides))
+    result = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), "--loss", "focal",
+                                 "--focal-gamma", "1.5", "--aux-loss-weight", "0.2", "--ogm-ge", "--ogm-alpha", "0.7",
+                                 "--stacking-meta", "mlp"])
+    assert result.exit_code == 0, _err(result)
+    train = load_config(None, seen).train
+    assert (train.loss, train.focal_gamma, train.aux_loss_weight) == ("focal", 1.5, 0.2)
+    assert train.ogm_ge.enabled and train.ogm_ge.alpha == 0.7 and train.stacking.meta == "mlp"
+    bad = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), "--loss", "hinge"])
+    assert bad.exit_code == 2 and "train.loss" in _err(bad) and "Traceback" not in _err(bad)
