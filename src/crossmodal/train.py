@@ -10,6 +10,8 @@ What ``train_all`` writes under ``out_dir``:
     <head>/weights.safetensors     state dict (weights + Standardize buffers), never pickle
     <head>/head.json               name, modality, init_args, best_epoch, epochs_run, history, val metrics
     <head>/predictions.npz         val_/test_ proba (N, C) float32, y int64, ids str
+    traditional_*/                 head.json (family "traditional") + predictions.npz, no weights: scikit-learn
+                                   baselines for the comparison (crossmodal.traditional), never registered
 
 The loop: cross-entropy or focal loss (``train.loss``; optionally with balanced class weights),
 optional auxiliary unimodal losses and OGM-GE gradient modulation (crossmodal.modality, their
