@@ -116,7 +116,7 @@ def test_traditional_heads_need_the_raw_columns(tmp_path):
     df.drop(columns=["text"]).to_parquet(tmp_path / "v.parquet")
     np.save(tmp_path / "i.npy", np.zeros((30, 2), np.float32))
     np.save(tmp_path / "t.npy", np.zeros((30, 2), np.float32))
-    cfg = TrainConfig(heads=["traditional_text"])
+    cfg = TrainConfig(heads=["text_only", "traditional_text"], max_epochs=1)
     with pytest.raises(TrainError, match=r"lacks column\(s\) \['text'\]"):
         train_all(tmp_path / "v.parquet", tmp_path / "i.npy", tmp_path / "t.npy", cfg, tmp_path / "out")
     df.assign(text="").to_parquet(tmp_path / "v.parquet")

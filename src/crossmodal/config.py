@@ -157,6 +157,9 @@ class TrainConfig(_Section):
             raise ValueError(f"unknown head(s) {unknown}; choose from {list(HEAD_NAMES)}")
         if not heads:
             raise ValueError("train.heads is empty; name at least one head")
+        if all(h in TRADITIONAL_HEADS for h in heads):
+            raise ValueError(f"train.heads names only traditional baselines {heads}; add at least one deep head "
+                             "(the baselines are compared, never registered)")
         return list(dict.fromkeys(heads))
 
 
