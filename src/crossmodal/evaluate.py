@@ -5,12 +5,19 @@
     print(comparison_table(metrics))
 
 Writes under ``out_dir``:
-    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality"}}, "labels",
-                                 "best_fusion", "best_unimodal", "best_head", "fusion_gain_macro_f1",
-                                 "selection_metric": "macro_f1"}
+    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality", "missing_text",
+                                 "missing_image", "attribution"}}, "labels", "best_fusion", "best_unimodal",
+                                 "best_head", "fusion_gain_macro_f1", "selection_metric": "macro_f1"}
+    robustness.md                each head's test macro-F1 with both modalities, without text, without image
     plots/<head>_confusion.png   test confusion matrix (counts)
     plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
     per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
+
+``missing_text`` / ``missing_image`` are the ``test`` metrics recomputed with that modality removed from
+every test row (null when the head's predictions.npz lacks them). ``attribution`` summarises, per true
+class and overall, the mean leave-one-modality-out drop of the predicted class's probability (``image``:
+p(full) - p(without image), ``text`` likewise; large = the prediction leaned on that modality) and, for
+heads with gates, the mean gate weights ``gate_image`` / ``gate_text``.
 
 Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
 winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
@@ -91,6 +98,34 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, labels) -> dict:
         "ece": expected_calibration_error(y, p),
         "log_loss": float(log_loss(y, np.clip(p, 1e-12, 1.0), labels=list(range(len(labels))))),
     }
+
+
+def attribution_summary(y: np.ndarray, proba: np.ndarray, labels, no_image: np.ndarray | None,
+                        no_text: np.ndarray | None, gates: np.ndarray | None = None) -> dict | None:
+    """Per true class and overall: mean drop of the predicted class's probability when the image (the text) is
+    removed, and the mean gate weights when given. None when neither removal was predicted."""
+    if no_image is None and no_text is None:
+        return None
+    y, p = np.asarray(y).astype(np.int64), np.asarray(proba, dtype=np.float64)
+    rows = np.arange(len(y))
+    pred = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64)
+    per_row = {}
+    for key, other in (("image", no_image), ("text", no_text)):
+        if other is not None:
+            per_row[key] = p[rows, pred] - np.asarray(other, dtype=np.float64)[rows, pred]
+    if gates is not None:
+        g = np.asarray(gates, dtype=np.float64)
+        per_row["gate_image"], per_row["gate_text"] = g[:, 0], g[:, 1]
+
+    def summary(mask: np.ndarray) -> dict:
+        out: dict = {"n": int(mask.sum())}
+        for key, values in per_row.items():
+            out[key] = float(values[mask].mean()) if mask.any() else None
+        return out
+
+    return {"grouped_by": "true label", "measure": "mean drop of the predicted class's probability",
+            "per_class": {str(lab): summary(y == k) for k, lab in enumerate(labels)},
+            "overall": summary(np.ones(len(y), dtype=bool))}
 
 
 # ---------------------------------------------------------------- plots
@@ -207,6 +242,12 @@ def evaluate_all(train_dir, out_dir) -> dict:
         plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
         plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
         heads[name] = {"modality": meta.get("modality", "fusion"), "val": val, "test": test, "per_class": per_class}
+        # Robustness: the same test rows with one modality removed (absent keys: not available for this head).
+        for block, key in (("missing_text", "test_proba_missing_text"), ("missing_image", "test_proba_missing_image")):
+            heads[name][block] = compute_metrics(pred["test_y"], pred[key], labels) if key in pred else None
+        heads[name]["attribution"] = attribution_summary(
+            y_test, p_test, labels, pred.get("test_proba_missing_image"), pred.get("test_proba_missing_text"),
+            pred.get("test_gate"))
 
     fusion = [n for n in names if heads[n]["modality"] == "fusion"]
     unimodal = [n for n in names if heads[n]["modality"] in ("image", "text")]
@@ -225,7 +266,25 @@ def evaluate_all(train_dir, out_dir) -> dict:
         "selection_metric": SELECTION_METRIC,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (out_dir / "robustness.md").write_text(robustness_table(metrics) + "\n")
     return metrics
+
+
+def robustness_table(metrics: dict) -> str:
+    """Markdown table: each head's test macro-F1 with both modalities, without text and without image."""
+
+    def f1(block):
+        return None if not block else block.get("macro_f1")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = ["| head | kind | macro-F1 full | without text | without image |", "|---|---|---:|---:|---:|"]
+    for name, m in metrics["heads"].items():
+        kind = "fusion" if m.get("modality") == "fusion" else "unimodal"
+        cells = [fmt(f1(m.get("test"))), fmt(f1(m.get("missing_text"))), fmt(f1(m.get("missing_image")))]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def comparison_table(metrics: dict) -> str:

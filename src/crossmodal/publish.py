@@ -3,7 +3,8 @@
 ``publish`` is what ``crossmodal register`` (the DVC stage) and the Prefect flow's last task call. The summary is
 printed as one table and written as JSON for scripts and schedulers::
 
-    {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece"}}, "best_fusion", "best_unimodal", "best_head",
+    {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "missing_text", "missing_image"}},
+     "best_fusion", "best_unimodal", "best_head",
      "fusion_gain_macro_f1", "rows": {"in", "kept", "quarantined", "quarantine_file"},
      "mlflow": {"tracking_uri", "experiment_id", "run_id", "model_name", "version", "champion_version"},
      "promotion": {"promoted", "reason", "metric", "challenger_score", "champion_score", "delta", ...}}
@@ -25,6 +26,7 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
     for head, m in metrics["heads"].items():
         test = m.get("test") or {}
         heads[head] = {k: test.get(k) for k in ("accuracy", "macro_f1", "roc_auc", "ece")}
+        heads[head].update({k: m.get(k) for k in ("missing_text", "missing_image")})  # same metrics, one modality gone
     return {
         "heads": heads,
         "best_fusion": metrics.get("best_fusion"),
@@ -72,11 +74,12 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
 
 def render(summary: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
     """The terminal report: the comparison table, the rows, where the run landed, who is champion."""
-    from crossmodal.evaluate import comparison_table
+    from crossmodal.evaluate import comparison_table, robustness_table
 
     lines = []
     if metrics is not None:
         lines.append(comparison_table(metrics))
+        lines.append("robustness (test macro-F1 with a modality removed):\n" + robustness_table(metrics))
     rows = summary["rows"]
     lines.append(f"rows: {rows['in']} in = {rows['kept']} kept + {rows['quarantined']} quarantined"
                  + (f" (see {rows['quarantine_file']})" if rows["quarantined"] else ""))
