@@ -205,7 +205,9 @@ def _write_validated(kept: pd.DataFrame, path: Path) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.schema([(c, pa.int64() if c == "_row" else pa.string()) for c in VALIDATED_COLUMNS])
-    table = pa.Table.from_pydict({c: kept[c].tolist() for c in VALIDATED_COLUMNS}, schema=schema)
+    # Absent images/texts (validation.allow_missing) are nulls; pandas may hold them as NaN in a str column.
+    columns = {c: [None if pd.isna(v) else v for v in kept[c].tolist()] for c in VALIDATED_COLUMNS}
+    table = pa.Table.from_pydict(columns, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
