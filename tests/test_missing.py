@@ -329,3 +329,33 @@ def test_fused_model_rejects_rows_with_nothing(tiny_run, tmp_path):
         model.predict(pd.DataFrame({"image": [None, None], "text": ["hello", "   "]}))
     with pytest.raises(PredictionInputError, match="'text' column, an 'image'"):
         model.predict(pd.DataFrame({"caption": ["hello"]}))
+
+
+@pytest.mark.slow
+def test_demo_chain_keeps_a_row_without_caption(demo_dir, tmp_path):
+    """validate -> extract -> train -> evaluate on the tiny demo with allow_missing=either: its blank-caption
+    row is kept, its text features are NaN, and every head is trained and scored with and without each modality."""
+    from crossmodal.evaluate import evaluate_all
+    from crossmodal.extract import extract_features
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, validation={"allow_missing": "either"}, train={"modality_dropout": 0.3})
+    res = validate_manifest(demo_dir / "manifest.csv", cfg, tmp_path / "validated")
+    kept = pd.read_parquet(res.validated_path)
+    assert "bad-empty-caption" in set(kept["id"]) and res.rows_in == res.rows_kept + res.rows_quarantined
+    feats = extract_features(res.validated_path, cfg.encoders, tmp_path / "cache", progress=False)
+    row = int(np.flatnonzero(kept["id"].to_numpy() == "bad-empty-caption")[0])
+    assert np.isnan(np.load(feats.text_path)[row]).all() and np.isfinite(np.load(feats.image_path)[row]).all()
+    train_all(res.validated_path, feats.image_path, feats.text_path, cfg.train, tmp_path / "models")
+    metrics = evaluate_all(tmp_path / "models", tmp_path / "reports")
+    assert set(metrics["heads"]) == set(cfg.train.heads)
+    assert all(m["missing_text"] and m["missing_image"] for m in metrics["heads"].values())
+
+
+def test_modality_dropout_leaves_unimodal_and_late_heads_alone(demo_task):
+    fast = dict(hidden_dim=16, max_epochs=3, patience=3)
+    for name in ("text_only", "late"):
+        plain, _ = train_head(name, demo_task, TrainConfig(**fast), num_classes=3)
+        dropped, _ = train_head(name, demo_task, TrainConfig(**fast, modality_dropout=0.5), num_classes=3)
+        for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()):
+            torch.testing.assert_close(a, b)

@@ -17,8 +17,9 @@ The loop: cross-entropy (optionally with balanced class weights), mini-batches f
 seeded generator, validation after every epoch, early stopping on validation macro-F1
 with ``cfg.patience``, and the best epoch's weights restored at the end. With
 ``cfg.modality_dropout`` > 0 each training row's image or text is hidden (set to NaN, the
-missing-modality marker) with that chance per step, never both, so the heads learn to predict
-from one modality when the other is absent. Features are
+missing-modality marker) with that chance per step, never both, so the fusion heads learn to
+predict from one modality when the other is absent (unimodal and late-fusion heads train as
+without it). Features are
 small, so everything runs on the CPU in full precision; with one seed a run is
 reproducible to the bit on the same machine.
 """
@@ -259,6 +260,10 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
     optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order: independent of the global RNG
     dropper = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: dropout leaves batch order alone
+    # Only heads that fuse features learn from hidden modalities: a unimodal head would only see its input
+    # replaced by noise, and late fusion already decides a one-modality row by the present classifier alone.
+    learns_missing = head.modality == "fusion" and not getattr(head, "decides_missing_alone", False)
+    drop_rate = cfg.modality_dropout if learns_missing else 0.0
     custom_loss = getattr(head, "loss", None)  # late fusion trains its two classifiers on their own losses
 
     n = len(y)
@@ -270,7 +275,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
         for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
             optimizer.zero_grad(set_to_none=True)
             bi, bt, by = xi[idx], xt[idx], y[idx]
-            bi, bt = modality_dropout(bi, bt, cfg.modality_dropout, dropper)
+            bi, bt = modality_dropout(bi, bt, drop_rate, dropper)
             loss = custom_loss(bi, bt, by, criterion) if custom_loss else criterion(head(bi, bt), by)
             loss.backward()
             optimizer.step()

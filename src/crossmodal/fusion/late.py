@@ -29,6 +29,7 @@ WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)  # steps of 0.05
 class LateFusionHead(nn.Module):
     name = "late"
     modality = "fusion"
+    decides_missing_alone = True  # a one-modality row uses that classifier alone: modality dropout is not needed
 
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2):
         super().__init__()
