@@ -359,3 +359,17 @@ def test_modality_dropout_leaves_unimodal_and_late_heads_alone(demo_task):
         dropped, _ = train_head(name, demo_task, TrainConfig(**fast, modality_dropout=0.5), num_classes=3)
         for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()):
             torch.testing.assert_close(a, b)
+
+
+def test_cli_options_reach_the_config(gappy_manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from crossmodal.cli import app
+
+    runner = CliRunner()
+    base = ["validate", "--manifest", str(gappy_manifest), "--params", str(tmp_path / "none.yaml")]
+    bad = runner.invoke(app, [*base, "--out", str(tmp_path / "a"), "--allow-missing", "sometimes"])
+    assert bad.exit_code == 2 and "validation.allow_missing" in bad.output and "Traceback" not in bad.output
+    ok = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--allow-missing", "either"])
+    assert ok.exit_code == 0, ok.output
+    assert "17 in = 16 kept + 1 quarantined" in ok.output
