@@ -98,11 +98,16 @@ class FusedModel:
             txt[has_text] = self.extractor.embed_texts([texts[k] for k in has_text])
         return img, txt
 
-    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
-        """Class probabilities (N, C); ``None`` for an absent image or text (or for a whole modality)."""
+    def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) of embedded rows: the one place features become probabilities, so
+        predictions and attribution always agree."""
         from crossmodal.train import predict_proba
 
-        return predict_proba(self.head, *self.features(images, texts))
+        return predict_proba(self.head, img, txt)
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        """Class probabilities (N, C); ``None`` for an absent image or text (or for a whole modality)."""
+        return self.proba_from_features(*self.features(images, texts))
 
     def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
         """Probabilities plus leave-one-modality-out attribution (and gates, for heads with gates), embedding once.
@@ -110,14 +115,14 @@ class FusedModel:
         ``attr_image`` / ``attr_text``: p(predicted class) with both minus p(predicted class) without that
         modality. Returns {"proba", "attr_image", "attr_text"[, "gate_image", "gate_text"]}.
         """
-        from crossmodal.train import predict_gates, predict_proba, without
+        from crossmodal.train import predict_gates, without
 
         img, txt = self.features(images, texts)
-        proba = predict_proba(self.head, img, txt)
+        proba = self.proba_from_features(img, txt)
         rows, pred = np.arange(len(proba)), proba.argmax(axis=1)
         out = {"proba": proba,
-               "attr_image": proba[rows, pred] - predict_proba(self.head, without(img), txt)[rows, pred],
-               "attr_text": proba[rows, pred] - predict_proba(self.head, img, without(txt))[rows, pred]}
+               "attr_image": proba[rows, pred] - self.proba_from_features(without(img), txt)[rows, pred],
+               "attr_text": proba[rows, pred] - self.proba_from_features(img, without(txt))[rows, pred]}
         gates = predict_gates(self.head, img, txt)
         if gates is not None:
             out["gate_image"], out["gate_text"] = gates[:, 0], gates[:, 1]
