@@ -39,10 +39,12 @@ def test_fused_model_rejects_bad_input_clearly(tiny_run, tmp_path):
     best = tiny_run["metrics"]["best_head"]
     model = FusedModel.load(save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m"))
     with pytest.raises(PredictionInputError, match="'text' column"):
-        model.predict(pd.DataFrame({"image": ["a.jpg"]}))
-    with pytest.raises(PredictionInputError, match="row 1: no image"):
+        model.predict(pd.DataFrame({"photo": ["a.jpg"]}))
+    with pytest.raises(PredictionInputError, match="row 1: no image and no text"):
         img = _test_rows(tiny_run)["image"].iloc[0]
-        model.predict(pd.DataFrame({"image": [img, None], "text": ["a", "b"]}))
+        model.predict(pd.DataFrame({"image": [img, None], "text": ["a", None]}))
+    with pytest.raises(PredictionInputError, match="row 0: 'text' must be a string"):
+        model.predict(pd.DataFrame({"text": [3]}))
 
 
 def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_path):

@@ -203,7 +203,9 @@ def test_train_all_writes_the_contract_files(tmp_path):
         assert meta["epochs_run"] == len(meta["history"]) == 3 and 1 <= meta["best_epoch"] <= 3
         assert set(meta["history"][0]) == {"epoch", "train_loss", "val_loss", "val_macro_f1"}
         with np.load(out / name / "predictions.npz", allow_pickle=False) as npz:
-            assert set(npz.files) == {f"{s}_{k}" for s in ("val", "test") for k in ("proba", "y", "ids")}
+            assert set(npz.files) == ({f"{s}_{k}" for s in ("val", "test") for k in ("proba", "y", "ids")}
+                                      | {"test_proba_missing_text", "test_proba_missing_image"})  # no gates here
+            assert npz["test_proba_missing_text"].shape == npz["test_proba"].shape
             val = df[df.split == "val"]
             assert npz["val_proba"].shape == (len(val), 3) and npz["val_proba"].dtype == np.float32
             assert list(npz["val_ids"]) == list(val["id"])

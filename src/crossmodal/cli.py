@@ -29,6 +29,21 @@ ManifestOpt = Annotated[Optional[Path], typer.Option(help="Manifest (.csv, .json
 DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths must stay inside (default: the "
                                                           "manifest's folder).")]
 ColOpt = Annotated[Optional[str], typer.Option(help="Manifest column holding this field.")]
+AllowMissingOpt = Annotated[Optional[str], typer.Option(
+    "--allow-missing", help="Keep rows whose image or text is absent: none | image | text | either "
+                            "(default validation.allow_missing: none, such rows are quarantined).")]
+ModalityDropoutOpt = Annotated[Optional[float], typer.Option(
+    "--modality-dropout", help="Chance per training row and modality of hiding it, so heads learn to predict "
+                               "from one modality (default train.modality_dropout: 0).")]
+
+
+def _missing_overrides(allow_missing: str | None = None, modality_dropout: float | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if allow_missing is not None:
+        out["validation.allow_missing"] = allow_missing
+    if modality_dropout is not None:
+        out["train.modality_dropout"] = modality_dropout
+    return out
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -93,12 +108,13 @@ def demo_data(out: Annotated[Path, typer.Option(help="Folder for manifest.csv an
 def validate(manifest: ManifestOpt = None, out: Annotated[Path, typer.Option(help="Output folder.")] = Path(
              "work/validated"), params: ParamsOpt = Path("params.yaml"), data_root: DataRootOpt = None,
              image_column: ColOpt = None, text_column: ColOpt = None, label_column: ColOpt = None,
-             id_column: ColOpt = None, split_column: ColOpt = None, group_column: ColOpt = None) -> None:
+             id_column: ColOpt = None, split_column: ColOpt = None, group_column: ColOpt = None,
+             allow_missing: AllowMissingOpt = None) -> None:
     """Validate a manifest (Great Expectations + row checks); bad rows go to quarantine.csv."""
     from crossmodal.validate import validate_manifest
 
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
-    cfg, _ = _config(params, manifest, data_root, cols)
+    cfg, _ = _config(params, manifest, data_root, cols, _missing_overrides(allow_missing))
     result = _guard(validate_manifest, cfg.data.manifest, cfg, out)
     typer.echo(f"rows: {result.rows_in} in = {result.rows_kept} kept + {result.rows_quarantined} quarantined "
                f"({result.quarantine_path})")
@@ -121,11 +137,11 @@ def extract(validated: Annotated[Path, typer.Option(help="Folder written by `val
 def train(validated: Annotated[Path, typer.Option(help="Folder written by `validate`.")] = Path("work/validated"),
           features: Annotated[Path, typer.Option(help="Folder written by `extract`.")] = Path("work/features"),
           out: Annotated[Path, typer.Option(help="Output folder.")] = Path("work/models"),
-          params: ParamsOpt = Path("params.yaml")) -> None:
+          params: ParamsOpt = Path("params.yaml"), modality_dropout: ModalityDropoutOpt = None) -> None:
     """Train every head named in params (train.heads) on the cached features."""
     from crossmodal.train import train_all
 
-    cfg, _ = _config(params)
+    cfg, _ = _config(params, extra=_missing_overrides(modality_dropout=modality_dropout))
     _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy", cfg.train, out)
     typer.echo(f"trained {', '.join(cfg.train.heads)} into {out}")
 
@@ -134,10 +150,11 @@ def train(validated: Annotated[Path, typer.Option(help="Folder written by `valid
 def evaluate(models: Annotated[Path, typer.Option(help="Folder written by `train`.")] = Path("work/models"),
              out: Annotated[Path, typer.Option(help="Reports folder.")] = Path("reports")) -> None:
     """Evaluate every trained head; writes metrics.json, plots and per-class reports."""
-    from crossmodal.evaluate import comparison_table, evaluate_all
+    from crossmodal.evaluate import comparison_table, evaluate_all, robustness_table
 
     metrics = _guard(evaluate_all, models, out)
     typer.echo(comparison_table(metrics))
+    typer.echo("robustness (test macro-F1 with a modality removed):\n" + robustness_table(metrics))
 
 
 @app.command()
@@ -185,10 +202,11 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         ogm_alpha: Annotated[Optional[float], typer.Option(help="OGM-GE strength (train.ogm_ge.alpha).")] = None,
         stacking_meta: Annotated[Optional[str], typer.Option(help="Stacking meta-classifier: logistic or mlp "
                                                                   "(train.stacking.meta).")] = None,
+        allow_missing: AllowMissingOpt = None, modality_dropout: ModalityDropoutOpt = None,
         ) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = _missing_overrides(allow_missing, modality_dropout)
     for key, value in (("train.loss", loss), ("train.focal_gamma", focal_gamma),
                        ("train.aux_loss_weight", aux_loss_weight), ("train.ogm_ge.enabled", ogm_ge),
                        ("train.ogm_ge.alpha", ogm_alpha), ("train.stacking.meta", stacking_meta)):

@@ -73,6 +73,9 @@ class ValidationConfig(_Section):
     max_image_pixels: int = Field(50_000_000, ge=1)  # decompression-bomb guard
     min_rows_per_class: int = Field(2, ge=1)
     labels: list[str] | None = None  # the allowed labels; None accepts any label
+    # Rows whose image or text is absent (null/empty cell): quarantined ("none") or kept with that modality
+    # missing. A row with neither is always quarantined.
+    allow_missing: Literal["none", "image", "text", "either"] = "none"
 
 
 class ImageEncoderConfig(_Section):
@@ -148,6 +151,9 @@ class TrainConfig(_Section):
     ogm_ge: OgmGeConfig = OgmGeConfig()
     stacking: StackingConfig = StackingConfig()
     traditional: TraditionalConfig = TraditionalConfig()
+    # Per training row and modality, the chance that it is hidden (set to missing) for that step, so heads
+    # learn to predict from one modality; never both modalities of one row. 0 turns it off.
+    modality_dropout: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("heads")
     @classmethod

@@ -9,10 +9,18 @@ Writes under ``out_dir``:
                                  "ece", "ece_calibrated", "test_calibrated"}}, "labels", "best_fusion",
                                  "best_unimodal", "best_head", "best_traditional", "registered_head",
                                  "fusion_gain_macro_f1", "selection_metric": "macro_f1"}
+                                 each head also has "missing_text", "missing_image" and "attribution"
+    robustness.md                each head's test macro-F1 with both modalities, without text, without image
     plots/<head>_confusion.png   test confusion matrix (counts)
     plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
     plots/<head>_reliability.png test reliability diagram before and after temperature scaling
     per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
+
+``missing_text`` / ``missing_image`` are the ``test`` metrics recomputed with that modality removed from
+every test row (null when the head's predictions.npz lacks them). ``attribution`` summarises, per true
+class and overall, the mean leave-one-modality-out drop of the predicted class's probability (``image``:
+p(full) - p(without image), ``text`` likewise; large = the prediction leaned on that modality) and, for
+heads with gates, the mean gate weights ``gate_image`` / ``gate_text``.
 
 Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
 winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
@@ -154,6 +162,32 @@ def reliability_bins(y: np.ndarray, proba: np.ndarray, bins: int = ECE_BINS):
     mean_conf = np.bincount(idx, weights=conf, minlength=bins) / np.maximum(count, 1)
     accuracy = np.bincount(idx, weights=correct, minlength=bins) / np.maximum(count, 1)
     return mean_conf, accuracy, count
+def attribution_summary(y: np.ndarray, proba: np.ndarray, labels, no_image: np.ndarray | None,
+                        no_text: np.ndarray | None, gates: np.ndarray | None = None) -> dict | None:
+    """Per true class and overall: mean drop of the predicted class's probability when the image (the text) is
+    removed, and the mean gate weights when given. None when neither removal was predicted."""
+    if no_image is None and no_text is None:
+        return None
+    y, p = np.asarray(y).astype(np.int64), np.asarray(proba, dtype=np.float64)
+    rows = np.arange(len(y))
+    pred = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=np.int64)
+    per_row = {}
+    for key, other in (("image", no_image), ("text", no_text)):
+        if other is not None:
+            per_row[key] = p[rows, pred] - np.asarray(other, dtype=np.float64)[rows, pred]
+    if gates is not None:
+        g = np.asarray(gates, dtype=np.float64)
+        per_row["gate_image"], per_row["gate_text"] = g[:, 0], g[:, 1]
+
+    def summary(mask: np.ndarray) -> dict:
+        out: dict = {"n": int(mask.sum())}
+        for key, values in per_row.items():
+            out[key] = float(values[mask].mean()) if mask.any() else None
+        return out
+
+    return {"grouped_by": "true label", "measure": "mean drop of the predicted class's probability",
+            "per_class": {str(lab): summary(y == k) for k, lab in enumerate(labels)},
+            "overall": summary(np.ones(len(y), dtype=bool))}
 
 
 # ---------------------------------------------------------------- plots
@@ -310,6 +344,12 @@ def evaluate_all(train_dir, out_dir) -> dict:
         heads[name] = {"modality": meta.get("modality", "fusion"), "family": meta.get("family", "frozen"),
                        "val": val, "test": test, "per_class": per_class, "temperature": temperature,
                        "ece": test["ece"], "ece_calibrated": test_cal["ece"], "test_calibrated": test_cal}
+        # Robustness: the same test rows with one modality removed (absent keys: not available for this head).
+        for block, key in (("missing_text", "test_proba_missing_text"), ("missing_image", "test_proba_missing_image")):
+            heads[name][block] = compute_metrics(pred["test_y"], pred[key], labels) if key in pred else None
+        heads[name]["attribution"] = attribution_summary(
+            y_test, p_test, labels, pred.get("test_proba_missing_image"), pred.get("test_proba_missing_text"),
+            pred.get("test_gate"))
 
     deep = [n for n in names if heads[n]["family"] != "traditional"]
     fusion = [n for n in deep if heads[n]["modality"] == "fusion"]
@@ -331,7 +371,25 @@ def evaluate_all(train_dir, out_dir) -> dict:
         "selection_metric": SELECTION_METRIC,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (out_dir / "robustness.md").write_text(robustness_table(metrics) + "\n")
     return metrics
+
+
+def robustness_table(metrics: dict) -> str:
+    """Markdown table: each head's test macro-F1 with both modalities, without text and without image."""
+
+    def f1(block):
+        return None if not block else block.get("macro_f1")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = ["| head | kind | macro-F1 full | without text | without image |", "|---|---|---:|---:|---:|"]
+    for name, m in metrics["heads"].items():
+        kind = "fusion" if m.get("modality") == "fusion" else "unimodal"
+        cells = [fmt(f1(m.get("test"))), fmt(f1(m.get("missing_text"))), fmt(f1(m.get("missing_image")))]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def comparison_table(metrics: dict) -> str:

@@ -11,6 +11,9 @@ text key the ordered texts, each with its encoder name, its parameters (image si
 the precision. Image and text are cached separately, so changing the image size leaves the text
 features alone. A second run with nothing changed reads the cache and never loads an encoder.
 
+A row whose image or text is absent (null in validated.parquet, kept by ``validation.allow_missing``)
+is not encoded: its row in that modality's array is all NaN, the marker every head understands.
+
 The encoders themselves (device, precision, batching) live in ``crossmodal.embed``.
 """
 
@@ -88,11 +91,24 @@ def _read_validated(path: str | Path):
         raise FeatureError(f"{path} lacks column(s) {missing}; it must come from `crossmodal validate`")
     if df.empty:
         raise FeatureError(f"{path} has no rows: nothing to extract (see the quarantine table next to it)")
-    for col in ("image", "image_sha256"):
-        bad = df[col].isna() | (df[col].astype(str) == "")
-        if bad.any():
-            raise FeatureError(f"{path}: column {col!r} is empty in row id {df['id'][bad].iloc[0]!r}; re-run validate")
+    # An absent image is null in both columns; one without the other means the table was edited by hand.
+    empty = {col: df[col].isna() | (df[col].astype(str) == "") for col in ("image", "image_sha256")}
+    bad = empty["image"] != empty["image_sha256"]
+    if bad.any():
+        col = "image" if empty["image"][bad].iloc[0] else "image_sha256"
+        raise FeatureError(f"{path}: column {col!r} is empty in row id {df['id'][bad].iloc[0]!r}; re-run validate")
+    both = empty["image"] & df["text"].isna()
+    if both.any():
+        raise FeatureError(f"{path}: row id {df['id'][both].iloc[0]!r} has neither an image nor a text; re-run "
+                           "validate")
     return df
+
+
+ABSENT = "\x00"  # stands for an absent image or text in cache keys: clean_text removes NUL, a sha256 has none
+
+
+def _present(column) -> np.ndarray:
+    return (column.notna() & (column.astype(str) != "")).to_numpy()
 
 
 def _key(kind: str, items, encoder: str, params: dict, precision: str) -> str:
@@ -109,9 +125,9 @@ def _key(kind: str, items, encoder: str, params: dict, precision: str) -> str:
 
 def feature_keys(df, cfg: EncodersConfig, precision: str) -> dict[str, str]:
     return {
-        "image": _key("image", df["image_sha256"], canonical_name(cfg.image.name),
-                      {"image_size": cfg.image.image_size}, precision),
-        "text": _key("text", df["text"].fillna(""), canonical_name(cfg.text.name),
+        "image": _key("image", df["image_sha256"].where(_present(df["image_sha256"]), ABSENT),
+                      canonical_name(cfg.image.name), {"image_size": cfg.image.image_size}, precision),
+        "text": _key("text", df["text"].where(df["text"].notna(), ABSENT), canonical_name(cfg.text.name),
                      {"max_length": cfg.text.max_length}, precision),
     }
 
@@ -204,16 +220,22 @@ def _compute(fx: FeatureExtractor, kind: str, df, progress: bool, source) -> np.
 
     from crossmodal.preprocess import ImageError
 
-    # Encode each distinct image (by content) / text once, then scatter back to row order.
+    # Encode each distinct image (by content) / text once, then scatter back to row order. Absent ones
+    # are never encoded: their rows stay NaN.
     column = "image_sha256" if kind == "image" else "text"
-    codes, _ = pd.factorize(df[column].fillna("") if kind == "text" else df[column])
+    present = _present(df[column]) if kind == "image" else df["text"].notna().to_numpy()
+    rows = df[present]
+    codes, _ = pd.factorize(rows[column])
     _, first = np.unique(codes, return_index=True)  # row of the first occurrence of each code, in code order
     if kind == "image":
-        names = [f"row id {df['id'].iloc[i]!r}" for i in first]
+        names = [f"row id {rows['id'].iloc[i]!r}" for i in first]
         try:
-            uniq = fx.embed_images(df["image"].iloc[first].tolist(), progress=progress, names=names)
+            uniq = fx.embed_images(rows["image"].iloc[first].tolist(), progress=progress, names=names)
         except ImageError as err:  # validation decoded it, so the file changed or vanished since
             raise FeatureError(f"{source}: {err}; re-run `crossmodal validate` to quarantine it") from None
     else:
-        uniq = fx.embed_texts(df["text"].fillna("").iloc[first].tolist(), progress=progress)
-    return uniq[codes]
+        uniq = fx.embed_texts(rows["text"].iloc[first].tolist(), progress=progress)
+    dim = fx.image_dim if kind == "image" else fx.text_dim
+    out = np.full((len(df), dim), np.nan, dtype=np.float32)
+    out[present] = uniq[codes]
+    return out

@@ -8,10 +8,21 @@ It is saved as a folder (``model.json`` + ``head/``) and wrapped as an MLflow py
     m.predict(pd.DataFrame({"image": ["photo.jpg"], "text": ["What a wonderful day"]}))
     #    label   prob_neutral  prob_sarcastic  prob_sincere
 
-Input columns: ``text`` (required) and, per row, ``image`` (a file path) or ``image_bytes`` (the encoded file's
-bytes; over REST, base64 as MLflow encodes binary columns). Output: ``label`` and one ``prob_<label>`` per class.
 The probabilities are calibrated: the head's temperature, fitted on validation by the evaluation, is stored in
 ``model.json`` and applied as ``softmax(log(p + 1e-12) / T)`` (the label is unchanged by it).
+
+Input columns: ``text`` and, per row, ``image`` (a file path) or ``image_bytes`` (the encoded file's bytes; over
+REST, base64 as MLflow encodes binary columns). A row may lack one of the two (null or empty cell, or no such
+column): the head then predicts from the other modality alone (its learned placeholder stands in). Output:
+``label`` and one ``prob_<label>`` per class.
+
+Attribution on request, ``params={"attribution": True}`` (also over REST: ``{"params": {"attribution": true}}``),
+adds ``attr_image`` and ``attr_text``: how much the predicted class's probability drops when that modality is
+removed (leave-one-modality-out; 0 when the row lacked it), and ``gate_image`` / ``gate_text`` (the per-row mix
+weights) for heads with gates::
+
+    m.predict(frame, params={"attribution": True})
+    #    label  prob_...  attr_image  attr_text  gate_image  gate_text
 """
 
 from __future__ import annotations
@@ -64,46 +75,117 @@ class FusedModel:
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
                    spec.get("max_image_pixels"), spec.get("temperature", 1.0))
 
-    def predict_proba(self, images: list[Any], texts: list[str]) -> np.ndarray:
-        from crossmodal.preprocess import ImageError
+    @property
+    def has_gates(self) -> bool:
+        return bool(getattr(self.head, "has_gates", False))
+
+    def features(self, images: list[Any] | None, texts: list[str | None] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Embed what is present; an absent image or text (None, an empty text, or the whole list None) becomes an
+        all-NaN feature row, never encoded."""
+        from crossmodal.preprocess import ImageError, clean_text
+
+        if images is None and texts is None:
+            raise PredictionInputError("give images, texts or both")
+        n = len(images) if images is not None else len(texts)
+        if images is not None and texts is not None and len(images) != len(texts):
+            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts: give one of each per row")
+        images = [None] * n if images is None else list(images)
+        texts = [None] * n if texts is None else [None if t is None or not clean_text(t) else t for t in texts]
+        img = np.full((n, self.head.init_args["image_dim"]), np.nan, dtype=np.float32)
+        txt = np.full((n, self.head.init_args["text_dim"]), np.nan, dtype=np.float32)
+        has_image = [k for k in range(n) if images[k] is not None]
+        has_text = [k for k in range(n) if texts[k] is not None]
+        if has_image:
+            try:
+                img[has_image] = self.extractor.embed_images([images[k] for k in has_image])
+            except ImageError as err:
+                raise PredictionInputError(str(err)) from None
+        if has_text:
+            txt[has_text] = self.extractor.embed_texts([texts[k] for k in has_text])
+        return img, txt
+
+    def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) of embedded rows: the one place features become probabilities, so
+        predictions and attribution always agree."""
         from crossmodal.train import predict_proba
 
-        try:
-            img = self.extractor.embed_images(images)
-        except ImageError as err:
-            raise PredictionInputError(str(err)) from None
-        proba = predict_proba(self.head, img, self.extractor.embed_texts(texts))
+        proba = predict_proba(self.head, img, txt)
         if self.temperature == 1.0:
             return proba
         from crossmodal.evaluate import apply_temperature
 
         return apply_temperature(proba, self.temperature)
 
-    def predict(self, frame: pd.DataFrame | dict | list) -> pd.DataFrame:
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        """Class probabilities (N, C); ``None`` for an absent image or text (or for a whole modality)."""
+        return self.proba_from_features(*self.features(images, texts))
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution (and gates, for heads with gates), embedding once.
+
+        ``attr_image`` / ``attr_text``: p(predicted class) with both minus p(predicted class) without that
+        modality. Returns {"proba", "attr_image", "attr_text"[, "gate_image", "gate_text"]}.
+        """
+        from crossmodal.train import predict_gates, without
+
+        img, txt = self.features(images, texts)
+        proba = self.proba_from_features(img, txt)
+        rows, pred = np.arange(len(proba)), proba.argmax(axis=1)
+        out = {"proba": proba,
+               "attr_image": proba[rows, pred] - self.proba_from_features(without(img), txt)[rows, pred],
+               "attr_text": proba[rows, pred] - self.proba_from_features(img, without(txt))[rows, pred]}
+        gates = predict_gates(self.head, img, txt)
+        if gates is not None:
+            out["gate_image"], out["gate_text"] = gates[:, 0], gates[:, 1]
+        return out
+
+    def predict(self, frame: pd.DataFrame | dict | list, attribution: bool = False) -> pd.DataFrame:
         from crossmodal.preprocess import clean_text
 
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
-        if "text" not in frame.columns:
-            raise PredictionInputError(f"input needs a 'text' column; got columns {list(frame.columns)}")
-        if "image" not in frame.columns and "image_bytes" not in frame.columns:
-            raise PredictionInputError("input needs an 'image' (path) or 'image_bytes' column")
+        if not {"text", "image", "image_bytes"} & set(frame.columns):
+            raise PredictionInputError("input needs a 'text' column, an 'image' (path) or 'image_bytes' column, or "
+                                       f"both; got columns {list(frame.columns)}")
         images, texts = [], []
         for i, row in enumerate(frame.itertuples(index=False)):
             raw = getattr(row, "image_bytes", None)
             source = raw if isinstance(raw, bytes | bytearray) and len(raw) else getattr(row, "image", None)
-            if not isinstance(source, str | bytes | bytearray) or not source:
-                raise PredictionInputError(f"row {i}: no image (give a path in 'image' or bytes in 'image_bytes')")
-            text = row.text
-            if not isinstance(text, str):
+            if _is_null(source) or (isinstance(source, str) and not source.strip()):
+                source = None  # this row has no image: predicted from its text
+            elif not isinstance(source, str | bytes | bytearray):
+                raise PredictionInputError(f"row {i}: 'image' must be a path string (or use 'image_bytes'), got "
+                                           f"{type(source).__name__}")
+            text = getattr(row, "text", None)
+            if _is_null(text):
+                text = None
+            elif not isinstance(text, str):
                 raise PredictionInputError(f"row {i}: 'text' must be a string, got {type(text).__name__}")
+            else:
+                text = clean_text(text) or None
+            if source is None and text is None:
+                raise PredictionInputError(f"row {i}: no image and no text (give a path in 'image', bytes in "
+                                           "'image_bytes', a 'text', or both)")
             images.append(bytes(source) if isinstance(source, bytearray) else source)
-            texts.append(clean_text(text))
+            texts.append(text)
+        extra = ["attr_image", "attr_text"] + (["gate_image", "gate_text"] if self.has_gates else [])
         if not images:
-            return pd.DataFrame({"label": [], **{f"prob_{c}": [] for c in self.labels}})
-        proba = self.predict_proba(images, texts)
+            return pd.DataFrame({"label": [], **{f"prob_{c}": [] for c in self.labels},
+                                 **({c: [] for c in extra} if attribution else {})})
+        result = self.explain(images, texts) if attribution else {"proba": self.predict_proba(images, texts)}
+        proba = result["proba"]
         out = pd.DataFrame({f"prob_{c}": proba[:, k].astype("float64") for k, c in enumerate(self.labels)})
         out.insert(0, "label", [self.labels[k] for k in proba.argmax(axis=1)])
+        if attribution:
+            for column in extra:
+                out[column] = result[column].astype("float64")
         return out
+
+
+def _is_null(value: Any) -> bool:
+    """None, NaN, pd.NA / NaT: a cell a data frame leaves empty."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and value != value
 
 
 class CrossmodalPyfunc(PythonModel):
@@ -115,7 +197,7 @@ class CrossmodalPyfunc(PythonModel):
         self.model.extractor.image_encoder, self.model.extractor.text_encoder  # noqa: B018
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.model.predict(model_input)
+        return self.model.predict(model_input, attribution=bool((params or {}).get("attribution", False)))
 
 
 def save_model_dir(train_dir: str | Path, head: str, encoders: EncodersConfig, dst: str | Path,
@@ -144,14 +226,18 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def signature(labels: list[str]):
+def signature(labels: list[str], gates: bool = False):
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    # Every input is optional: a row needs an image or a text, and the model checks that per row.
     inputs = Schema([ColSpec("string", "image", required=False), ColSpec("binary", "image_bytes", required=False),
-                     ColSpec("string", "text")])
-    outputs = Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in labels])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+                     ColSpec("string", "text", required=False)])
+    attribution = ["attr_image", "attr_text"] + (["gate_image", "gate_text"] if gates else [])
+    outputs = Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in labels]
+                     + [ColSpec("double", c, required=False) for c in attribution])
+    params = ParamSchema([ParamSpec("attribution", "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.DataFrame, temperature: float = 1.0):
@@ -162,9 +248,14 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
     import mlflow
 
     package_dir = Path(__file__).resolve().parent
+    from crossmodal.fusion import HEADS
+
     labels = json.loads((Path(train_dir) / "labels.json").read_text())
-    example = pd.DataFrame({"image_bytes": [Path(example_rows["image"].iloc[0]).read_bytes()],
-                            "text": [str(example_rows["text"].iloc[0])]})
+    # An example row with both modalities when there is one (rows may lack either with validation.allow_missing).
+    both = example_rows[example_rows["image"].notna() & example_rows["text"].notna()]
+    first = (both if len(both) else example_rows).iloc[0]
+    image = Path(first["image"]).read_bytes() if isinstance(first["image"], str) and first["image"] else None
+    example = pd.DataFrame({"image_bytes": [image], "text": [first["text"] if isinstance(first["text"], str) else None]})
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_dir(train_dir, head, cfg.encoders, Path(tmp) / "fused_model",
                                 cfg.validation.max_image_pixels, temperature)
@@ -173,7 +264,7 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
             python_model=str(package_dir / "pyfunc_entry.py"),
             artifacts={"fused_model": str(folder)},
             code_paths=[str(package_dir)],
-            signature=signature(labels),
+            signature=signature(labels, gates=getattr(HEADS.get(head), "has_gates", False)),
             input_example=example,
             pip_requirements=_requirements(),
             metadata={"head": head, "labels": labels, "temperature": float(temperature)},

@@ -4,7 +4,8 @@
 printed as one table and written as JSON for scripts and schedulers::
 
     {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
-     "modality"}}, "best_fusion", "best_unimodal", "best_head", "registered_head", "best_traditional",
+     "modality", "missing_text", "missing_image"}}, "best_fusion", "best_unimodal", "best_head",
+     "registered_head", "best_traditional",
      "fusion_gain_macro_f1", "rows": {"in", "kept", "quarantined", "quarantine_file"},
      "mlflow": {"tracking_uri", "experiment_id", "run_id", "model_name", "version", "champion_version"},
      "promotion": {"promoted", "reason", "metric", "challenger_score", "champion_score", "delta", ...}}
@@ -26,7 +27,9 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
     for head, m in metrics["heads"].items():
         test = m.get("test") or {}
         heads[head] = {k: test.get(k) for k in ("accuracy", "macro_f1", "roc_auc", "ece")}
-        heads[head].update({k: m.get(k) for k in ("family", "modality", "ece_calibrated", "temperature")})
+        # missing_text / missing_image: the same metrics with one modality removed from every test row
+        heads[head].update({k: m.get(k) for k in ("family", "modality", "ece_calibrated", "temperature",
+                                                  "missing_text", "missing_image")})
     return {
         "heads": heads,
         "best_fusion": metrics.get("best_fusion"),
@@ -76,11 +79,12 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
 
 def render(summary: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
     """The terminal report: the comparison table, the rows, where the run landed, who is champion."""
-    from crossmodal.evaluate import comparison_table
+    from crossmodal.evaluate import comparison_table, robustness_table
 
     lines = []
     if metrics is not None:
         lines.append(comparison_table(metrics))
+        lines.append("robustness (test macro-F1 with a modality removed):\n" + robustness_table(metrics))
     rows = summary["rows"]
     lines.append(f"rows: {rows['in']} in = {rows['kept']} kept + {rows['quarantined']} quarantined"
                  + (f" (see {rows['quarantine_file']})" if rows["quarantined"] else ""))

@@ -7,6 +7,11 @@ Usage (``crossmodal.validate`` calls this; it is public so a notebook can reuse 
     checks.reasons[i]   # None, or (kind, message) for the first problem of row i
     checks.paths[i]     # the absolute, resolved image path (None when the row failed)
     checks.sha256[i]    # hex digest of the image file's bytes (None when the row failed)
+    checks.missing_image[i], checks.missing_text[i]   # the cell is absent (null/empty), allowed by config
+
+A row whose image and text cells are both absent is quarantined ("no image and no text") whatever
+``allow_missing`` says. Otherwise, with ``cfg.allow_missing`` naming the absent modality ("image",
+"text" or "either"), the row passes with that modality marked missing (its image checks are skipped).
 
 Checks, in order (the first failure is the row's reason): image path present; it resolves,
 following symlinks, to a file inside the data root (absolute paths are allowed only inside
@@ -37,6 +42,23 @@ class RowChecks:
     reasons: list[Reason | None] = field(default_factory=list)
     paths: list[str | None] = field(default_factory=list)
     sha256: list[str | None] = field(default_factory=list)
+    missing_image: list[bool] = field(default_factory=list)
+    missing_text: list[bool] = field(default_factory=list)
+
+
+def image_absent(value: object) -> bool:
+    """An image cell with nothing in it: null/NaN or blank."""
+    return value is None or value != value or (isinstance(value, str) and not value.strip())
+
+
+def text_absent(value: object) -> bool:
+    """A text cell with nothing in it: null/NaN, or nothing left after ``clean_text``."""
+    from crossmodal.preprocess import clean_text
+
+    return value is None or value != value or (isinstance(value, str) and not clean_text(value))
+
+
+NO_MODALITY: Reason = ("no image and no text", "no image and no text: a row needs at least one of them")
 
 
 def utf8_problem(value: str) -> str | None:
@@ -106,11 +128,22 @@ def check_rows(df: pd.DataFrame, data_root: str | Path, cfg: ValidationConfig) -
     root_real = Path(os.path.realpath(data_root))
     out = RowChecks()
     rows = list(df[["image", "text", "id", "label", "split", "group"]].itertuples(index=False))
+    no_image = [image_absent(r.image) for r in rows]
+    no_text = [text_absent(r.text) for r in rows]
+    allow_image, allow_text = cfg.allow_missing in ("image", "either"), cfg.allow_missing in ("text", "either")
+
+    def image_check(k: int):
+        if no_image[k] and no_text[k]:
+            return NO_MODALITY, None, None
+        if no_image[k] and allow_image:
+            return None, None, None
+        return check_image(rows[k].image, root_real, cfg)
+
     # Decoding dominates; Pillow releases the GIL while decoding, so threads help on big images.
     workers = min(8, os.cpu_count() or 1) if len(rows) > 64 else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(lambda r: check_image(r.image, root_real, cfg), rows))
-    for row, (reason, path, digest) in zip(rows, images):
+        images = list(pool.map(image_check, range(len(rows))))
+    for k, (row, (reason, path, digest)) in enumerate(zip(rows, images)):
         if reason is None:
             for col in ("text", "id", "label", "split", "group"):
                 value = getattr(row, col)
@@ -122,4 +155,6 @@ def check_rows(df: pd.DataFrame, data_root: str | Path, cfg: ValidationConfig) -
         out.reasons.append(reason)
         out.paths.append(path)
         out.sha256.append(digest)
+        out.missing_image.append(no_image[k] and allow_image and reason is None)
+        out.missing_text.append(no_text[k] and allow_text and reason is None)
     return out

@@ -173,6 +173,8 @@ def _log_head_run(client, experiment_id: str, parent_id: str, head: str, head_di
     _log_metrics(client, rid, metrics.get("val") or {}, "val_")
     _log_metrics(client, rid, metrics.get("test") or {}, "test_")
     _log_metrics(client, rid, {k: metrics.get(k) for k in ("temperature", "ece_calibrated")})
+    _log_metrics(client, rid, metrics.get("missing_text") or {}, "missing_text_")
+    _log_metrics(client, rid, metrics.get("missing_image") or {}, "missing_image_")
     for plot in sorted((reports / "plots").glob(f"{head}_*.png")):
         client.log_artifact(rid, str(plot), "plots")
     per_class = reports / "per_class" / f"{head}.json"
@@ -236,6 +238,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
             client.log_artifacts(run_id, str(validated_dir / "data_docs"), "data/data_docs")
         client.log_artifact(run_id, str(reports_dir / "metrics.json"))
         client.log_text(run_id, _comparison(metrics), "comparison.txt")
+        if (reports_dir / "robustness.md").is_file():
+            client.log_artifact(run_id, str(reports_dir / "robustness.md"))
         head_runs = {}
         for head, head_metrics in metrics["heads"].items():
             head_runs[head] = _log_head_run(client, experiment_id, run_id, head, train_dir / head, reports_dir,

@@ -12,12 +12,19 @@ What ``train_all`` writes under ``out_dir``:
     <head>/predictions.npz         val_/test_ proba (N, C) float32, y int64, ids str
     traditional_*/                 head.json (family "traditional") + predictions.npz, no weights: scikit-learn
                                    baselines for the comparison (crossmodal.traditional), never registered
+    <head>/predictions.npz         val_/test_ proba (N, C) float32, y int64, ids str; test_proba_missing_text and
+                                   test_proba_missing_image (the test rows with that modality removed);
+                                   test_gate (N, 2) [image, text] for heads with gates
 
 The loop: cross-entropy or focal loss (``train.loss``; optionally with balanced class weights),
 optional auxiliary unimodal losses and OGM-GE gradient modulation (crossmodal.modality, their
 per-modality scores and coefficients added to each epoch's history), mini-batches from a
 seeded generator, validation after every epoch, early stopping on validation macro-F1
-with ``cfg.patience``, and the best epoch's weights restored at the end. Features are
+with ``cfg.patience``, and the best epoch's weights restored at the end. With
+``cfg.modality_dropout`` > 0 each training row's image or text is hidden (set to NaN, the
+missing-modality marker) with that chance per step, never both, so the fusion heads learn to
+predict from one modality when the other is absent (unimodal and late-fusion heads train as
+without it). Features are
 small, so everything runs on the CPU in full precision; with one seed a run is
 reproducible to the bit on the same machine.
 """
@@ -142,6 +149,28 @@ def is_better(f1: float, loss: float, best_f1: float, best_loss: float) -> bool:
     return f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and loss < best_loss)
 
 
+def modality_dropout(image, text, rate: float, generator):
+    """Hide each row's image, or its text, with chance ``rate`` (rows set to NaN); never both of one row.
+
+    A row already missing one modality never loses the other. When both are drawn, a coin picks which
+    one goes, so either modality is hidden with chance ``rate - rate**2 / 2``. Returns new tensors.
+    """
+    import torch
+
+    if rate <= 0:
+        return image, text
+    n = image.shape[0]
+    has_image, has_text = ~torch.isnan(image).all(dim=1), ~torch.isnan(text).all(dim=1)
+    draw_image = torch.rand(n, generator=generator) < rate
+    draw_text = torch.rand(n, generator=generator) < rate
+    coin = torch.rand(n, generator=generator) < 0.5
+    both = draw_image & draw_text
+    drop_image = (draw_image & ~(both & coin)) & has_text
+    drop_text = (draw_text & ~(both & ~coin)) & has_image
+    nan = torch.tensor(float("nan"), dtype=image.dtype)
+    return torch.where(drop_image[:, None], nan, image), torch.where(drop_text[:, None], nan, text)
+
+
 def predict_proba(head, image: np.ndarray, text: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Softmax probabilities (N, C) float32 in eval mode, batched to bound memory."""
     import torch
@@ -156,6 +185,27 @@ def predict_proba(head, image: np.ndarray, text: np.ndarray, batch_size: int = 4
     if not out:
         n_classes = head.init_args["num_classes"]
         return np.zeros((0, n_classes), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def without(features: np.ndarray) -> np.ndarray:
+    """The same rows with the modality absent (all NaN)."""
+    return np.full_like(features, np.nan, dtype=np.float32)
+
+
+def predict_gates(head, image: np.ndarray, text: np.ndarray, batch_size: int = 4096) -> np.ndarray | None:
+    """Per-row [image, text] gate weights (N, 2) float32 for heads with gates; None for the others."""
+    import torch
+
+    if not getattr(head, "has_gates", False):
+        return None
+    head.eval()
+    out = [np.zeros((0, 2), dtype=np.float32)]
+    with torch.no_grad():
+        for i in range(0, len(image), batch_size):
+            xi = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size], dtype=np.float32))
+            xt = torch.from_numpy(np.ascontiguousarray(text[i : i + batch_size], dtype=np.float32))
+            out.append(head(xi, xt, return_gates=True)[1].numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -217,6 +267,11 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
     balancer = ModalityBalancer.for_head(head, cfg)  # None unless aux losses / OGM-GE are on for a fusion head
     optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)  # batch order: independent of the global RNG
+    dropper = torch.Generator().manual_seed(cfg.seed + 1)  # its own stream: dropout leaves batch order alone
+    # Only heads that fuse features learn from hidden modalities: a unimodal head would only see its input
+    # replaced by noise, and late fusion already decides a one-modality row by the present classifier alone.
+    learns_missing = head.modality == "fusion" and not getattr(head, "decides_missing_alone", False)
+    drop_rate = cfg.modality_dropout if learns_missing else 0.0
     custom_loss = getattr(head, "loss", None)  # late fusion trains its two classifiers on their own losses
 
     n = len(y)
@@ -228,6 +283,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
         for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
             optimizer.zero_grad(set_to_none=True)
             bi, bt, by = xi[idx], xt[idx], y[idx]
+            bi, bt = modality_dropout(bi, bt, drop_rate, dropper)
             loss = custom_loss(bi, bt, by, criterion) if custom_loss else criterion(head(bi, bt), by)
             if balancer is not None:
                 loss = loss + balancer.batch(bi, bt, by, criterion)
@@ -336,7 +392,9 @@ def load_split_features(validated_path, image_features_path, text_features_path)
                 f"{kind} features {path} have shape {arr.shape} but {validated_path} has {len(df)} rows; "
                 "the features are stale: re-run `crossmodal extract`"
             )
-        bad = ~np.isfinite(arr).all(axis=1)
+        # An all-NaN row is an absent modality (validation.allow_missing); anything else non-finite is damage.
+        absent = np.isnan(arr).all(axis=1)
+        bad = ~np.isfinite(arr).all(axis=1) & ~absent
         if bad.any():
             first = df["id"].iloc[int(np.argmax(bad))]
             raise TrainError(
@@ -344,6 +402,10 @@ def load_split_features(validated_path, image_features_path, text_features_path)
                 "re-run `crossmodal extract` (and check that row's input)"
             )
         feats[kind] = arr.astype(np.float32, copy=False)
+    both = np.isnan(feats["image"]).all(axis=1) & np.isnan(feats["text"]).all(axis=1)
+    if both.any():
+        raise TrainError(f"row id {df['id'].iloc[int(np.argmax(both))]!r} has neither image nor text features; "
+                         "re-run `crossmodal validate` and `crossmodal extract`")
 
     labels_str = df["label"].astype(str)
     labels = sorted(labels_str.unique())
@@ -388,6 +450,12 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
         seconds = time.perf_counter() - start
         with torch_threads(TRAIN_THREADS):
             proba = {s: predict_proba(head, data.image[s], data.text[s]) for s in ("val", "test")}
+            ti, tt = data.image["test"], data.text["test"]
+            robustness = {"test_proba_missing_text": predict_proba(head, ti, without(tt)),
+                          "test_proba_missing_image": predict_proba(head, without(ti), tt)}
+            gates = predict_gates(head, ti, tt)
+        if gates is not None:
+            robustness["test_gate"] = gates
         val_metrics = compute_metrics(data.y["val"], proba["val"], labels)
         info = {
             "best_epoch": best_epoch(history),
@@ -405,6 +473,7 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
             **{f"{s}_proba": proba[s] for s in ("val", "test")},
             **{f"{s}_y": data.y[s] for s in ("val", "test")},
             **{f"{s}_ids": data.ids[s].astype(str) for s in ("val", "test")},
+            **robustness,
         )
         result.head_dirs[name] = str(head_dir)
         result.val_macro_f1[name] = val_metrics["macro_f1"]

@@ -14,7 +14,8 @@ Steps, in order:
 2. row checks GX cannot express (``crossmodal.rowchecks``: image inside the data root, exists,
    not empty, not too large, decodes; cells are valid UTF-8), then ``clean_text``;
 3. a Great Expectations suite, written as code and run on the in-memory frame (ids, images,
-   texts, labels present; ids unique; text length within limits; labels in
+   texts, labels present, unless ``validation.allow_missing`` lets an image or a text be absent; a
+   row with neither is always quarantined; ids unique; text length within limits; labels in
    ``validation.labels`` when set; split values known). Each failing row gets one reason,
    the first failure; of duplicate ids the first occurrence is kept;
 4. dataset checks: classes under ``min_rows_per_class`` rows are quarantined; a split is
@@ -95,7 +96,10 @@ def _suite_spec(vcfg: ValidationConfig, has_split: bool) -> list[tuple[str, dict
     """The expectations as (GX class name, kwargs); the order is the order of precedence of reasons."""
     spec: list[tuple[str, dict[str, Any]]] = [("ExpectColumnToExist", {"column": c})
                                               for c in ("_row", "id", "image", "text", "label")]
-    spec += [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in ("id", "image", "text", "label")]
+    # An absent image or text is a null cell; allowed by validation.allow_missing, it is not a failure.
+    nullable = {"image": ("image", "either"), "text": ("text", "either")}
+    spec += [("ExpectColumnValuesToNotBeNull", {"column": c}) for c in ("id", "image", "text", "label")
+             if vcfg.allow_missing not in nullable.get(c, ())]
     spec.append(("ExpectColumnValuesToBeUnique", {"column": "id"}))
     spec.append(("ExpectColumnValueLengthsToBeBetween",
                  {"column": "text", "min_value": vcfg.min_text_chars, "max_value": vcfg.max_text_chars}))
@@ -201,7 +205,9 @@ def _write_validated(kept: pd.DataFrame, path: Path) -> None:
     import pyarrow.parquet as pq
 
     schema = pa.schema([(c, pa.int64() if c == "_row" else pa.string()) for c in VALIDATED_COLUMNS])
-    table = pa.Table.from_pydict({c: kept[c].tolist() for c in VALIDATED_COLUMNS}, schema=schema)
+    # Absent images/texts (validation.allow_missing) are nulls; pandas may hold them as NaN in a str column.
+    columns = {c: [None if pd.isna(v) else v for v in kept[c].tolist()] for c in VALIDATED_COLUMNS}
+    table = pa.Table.from_pydict(columns, schema=schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -250,8 +256,10 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
     checks = check_rows(raw, root, vcfg)
     reasons: list[Reason | None] = list(checks.reasons)
     frame = pd.DataFrame({
-        "_row": raw["_row"].astype("int64"), "id": raw["id"].map(_safe), "image": raw["image"].map(_safe),
-        "text": [None if t is None else clean_text(_safe(t)) for t in raw["text"]],
+        "_row": raw["_row"].astype("int64"), "id": raw["id"].map(_safe),
+        "image": [None if gone else _safe(i) for i, gone in zip(raw["image"], checks.missing_image)],
+        "text": [None if t is None or gone else clean_text(_safe(t))
+                 for t, gone in zip(raw["text"], checks.missing_text)],
         "label": [None if lab is None or not lab.strip() else _safe(lab.strip()) for lab in raw["label"]],
         "split": [_safe(normalize_split(s)) for s in raw["split"]],
         "group": raw["group"].map(_safe)}).astype({c: object for c in ("id", "image", "text", "label", "split", "group")})
@@ -322,7 +330,8 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
     report = {
         "success": not errors, "errors": errors, "manifest": str(manifest_path), "data_root": str(root.resolve()),
         "format": raw.attrs.get("source", {}).get("format"), "rows_in": n, "rows_kept": len(kept),
-        "rows_quarantined": n_q, "quarantine_fraction": round(frac, 6),
+        "rows_quarantined": n_q, "quarantine_fraction": round(frac, 6), "allow_missing": vcfg.allow_missing,
+        "rows_missing_image": int(kept["image"].isna().sum()), "rows_missing_text": int(kept["text"].isna().sum()),
         "max_quarantine_fraction": vcfg.max_quarantine_fraction, "labels": labels,
         "split_source": "manifest" if has_split else f"assigned (seed {cfg.data.split.seed})",
         "split_counts": split_counts, "quarantine_reasons": dict(kinds.most_common()), "data_hash": data_hash,

@@ -7,7 +7,10 @@
     same = build_head(**head.init_args)                # re-creation for loading
 
 Every head is a plain ``nn.Module`` with ``forward(image, text) -> logits``, a class
-attribute ``modality`` ("image", "text" or "fusion") and ``init_args``. A new head is
+attribute ``modality`` ("image", "text" or "fusion") and ``init_args``. An all-NaN feature
+row means that modality is absent: heads swap in a learned placeholder
+(``fusion.common.fill_missing``). Heads with ``has_gates = True`` also answer
+``forward(image, text, return_gates=True) -> (logits, gates)``, gates (N, 2) = [image, text]. A new head is
 one file plus one line in ``HEADS`` (and its name in ``config.HEAD_NAMES``).
 """
 
@@ -21,7 +24,7 @@ from torch import nn
 from crossmodal.config import HEAD_NAMES
 from crossmodal.fusion.add import AddHead
 from crossmodal.fusion.attention import AttentionHead
-from crossmodal.fusion.common import Standardize
+from crossmodal.fusion.common import Standardize, fill_missing
 from crossmodal.fusion.concat import ConcatHead
 from crossmodal.fusion.gated import GatedHead
 from crossmodal.fusion.late import LateFusionHead
@@ -44,7 +47,7 @@ HEADS: dict[str, type[nn.Module]] = {
 # Every nn.Module head is a named head; the traditional baselines (crossmodal.traditional) are not nn.Modules.
 assert set(HEADS) <= set(HEAD_NAMES), "every fusion.HEADS entry must be named in config.HEAD_NAMES"
 
-__all__ = ["HEADS", "Standardize", "build_head", "fit_standardizers"]
+__all__ = ["HEADS", "Standardize", "build_head", "fill_missing", "fit_standardizers"]
 
 
 def build_head(
@@ -77,9 +80,16 @@ def build_head(
 
 
 def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.ndarray) -> nn.Module:
-    """Fit the head's per-modality :class:`Standardize` buffers on the training features."""
-    for attr, features in (("image_norm", image_train), ("text_norm", text_train)):
-        norm = getattr(head, attr, None)
+    """Fit the head's per-modality :class:`Standardize` buffers on the training features (all-NaN rows, i.e.
+    absent modalities, ignored) and start each missing-modality placeholder at the training mean."""
+    import torch
+
+    for kind, features in (("image", image_train), ("text", text_train)):
+        norm = getattr(head, f"{kind}_norm", None)
         if isinstance(norm, Standardize):
             norm.fit(features)
+            placeholder = getattr(head, f"{kind}_missing", None)
+            if isinstance(placeholder, nn.Parameter):
+                with torch.no_grad():  # standardises to zero: "an average row" until training moves it
+                    placeholder.copy_(norm.mean)
     return head

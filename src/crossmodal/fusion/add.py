@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, mlp
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
 
 
 class AddHead(nn.Module):
@@ -22,11 +22,13 @@ class AddHead(nn.Module):
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.image_norm = Standardize(image_dim)
         self.text_norm = Standardize(text_dim)
+        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
         self.image_proj = nn.Linear(image_dim, hidden_dim)
         self.text_proj = nn.Linear(text_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.classifier = mlp(hidden_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        image, text = fill_missing(image, self.image_missing), fill_missing(text, self.text_missing)
         fused = self.image_proj(self.image_norm(image)) + self.text_proj(self.text_norm(text))
         return self.classifier(self.dropout(torch.relu(fused)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder
 
 NUM_LAYERS = 2
 NUM_HEADS = 4
@@ -36,6 +36,7 @@ class AttentionHead(nn.Module):
         d = self.model_dim = model_dim_for(hidden_dim)
         self.image_norm = Standardize(image_dim)
         self.text_norm = Standardize(text_dim)
+        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
         self.image_proj = nn.Linear(image_dim, d)
         self.text_proj = nn.Linear(text_dim, d)
         self.type_embed = nn.Parameter(torch.randn(2, d) * 0.02)  # row 0: image, row 1: text
@@ -49,6 +50,7 @@ class AttentionHead(nn.Module):
         self.classifier = nn.Linear(d, num_classes)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        image, text = fill_missing(image, self.image_missing), fill_missing(text, self.text_missing)
         image_tok = self.image_proj(self.image_norm(image)) + self.type_embed[0]
         text_tok = self.text_proj(self.text_norm(text)) + self.type_embed[1]
         cls = self.cls.expand(image.shape[0], -1, -1)

@@ -7,8 +7,16 @@ travel in the state dict with the weights and the served model sees the same sca
 the head was trained with (no train/serve skew).
 
     norm = Standardize(1280)
-    norm.fit(train_features)        # numpy array or tensor, (N, 1280)
+    norm.fit(train_features)        # numpy array or tensor, (N, 1280); all-NaN rows are ignored
     z = norm(batch)                 # (x - mean) / std
+
+A modality absent from a row arrives as an all-NaN feature row. Every head owns one learned
+placeholder per modality it reads (``missing_placeholder``, initialised to the training mean by
+``fit_standardizers``) and swaps it in with :func:`fill_missing` before standardising, so a
+row with only a text (or only an image) still gets a prediction; modality dropout in training
+teaches the head what to make of the placeholder.
+
+    x = fill_missing(batch, head.image_missing)   # NaN rows -> the placeholder
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ class Standardize(nn.Module):
             raise ValueError(f"Standardize expects features of shape (N, {self.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("cannot fit Standardize on zero rows: the training split is empty")
+        x = x[~torch.isnan(x).any(dim=1)]  # absent-modality rows say nothing about the scale
+        if x.shape[0] == 0:
+            raise ValueError("cannot fit Standardize: every training row lacks this modality (all-NaN features)")
         mean = x.mean(0)
         std = x.std(0, unbiased=False)
         # A constant feature (std 0) would blow up to +-inf on unseen data; leave it unscaled.
@@ -45,6 +56,19 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def missing_placeholder(dim: int) -> nn.Parameter:
+    """The learned stand-in for an absent modality's features (raw feature space, before Standardize)."""
+    return nn.Parameter(torch.zeros(dim))
+
+
+def fill_missing(x: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` that are entirely NaN (modality absent) replaced by ``placeholder``; other rows unchanged."""
+    missing = torch.isnan(x).all(dim=1, keepdim=True)
+    if not bool(missing.any()):
+        return x
+    return torch.where(missing, placeholder.to(x.dtype).expand_as(x), x)
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, mlp
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
 
 
 class ConcatHead(nn.Module):
@@ -21,8 +21,10 @@ class ConcatHead(nn.Module):
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.image_norm = Standardize(image_dim)
         self.text_norm = Standardize(text_dim)
+        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
         self.classifier = mlp(image_dim + text_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        image, text = fill_missing(image, self.image_missing), fill_missing(text, self.text_missing)
         fused = torch.cat([self.image_norm(image), self.text_norm(text)], dim=1)
         return self.classifier(fused)

@@ -14,18 +14,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, mlp
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
 
 
 class GatedHead(nn.Module):
     name = "gated"
     modality = "fusion"
+    has_gates = True  # forward(..., return_gates=True) gives (logits, gates [image, text])
 
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.image_norm = Standardize(image_dim)
         self.text_norm = Standardize(text_dim)
+        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
         # tanh, as in the Gated Multimodal Unit (Arevalo et al., 2017): bounded projections keep the
         # gate from amplifying one modality; with ReLU the head overfit a 600-row XOR task 3 seeds in 8.
         self.image_proj = nn.Sequential(nn.Linear(image_dim, hidden_dim), nn.Tanh())
@@ -41,6 +43,7 @@ class GatedHead(nn.Module):
         self.last_gates: torch.Tensor | None = None  # (N, 2) [image, text] weights of the last forward
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_gates: bool = False):
+        image, text = fill_missing(image, self.image_missing), fill_missing(text, self.text_missing)
         zi = self.image_proj(self.image_norm(image))
         zt = self.text_proj(self.text_norm(text))
         gates = torch.softmax(self.gate(torch.cat([zi, zt], dim=1)), dim=1)

@@ -8,7 +8,8 @@ wins, lower log-loss breaks ties. Prediction is
 
     p = w * softmax(image_logits) + (1 - w) * softmax(text_logits)
 
-and ``forward`` returns ``log p`` so that ``softmax(forward(...)) == p`` and a plain
+(a row missing one modality uses the other classifier alone, whatever ``w``), and
+``forward`` returns ``log p`` so that ``softmax(forward(...)) == p`` and a plain
 cross-entropy on the output is the log-loss of the averaged probabilities.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, mlp
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
 
 WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)  # steps of 0.05
 
@@ -28,23 +29,30 @@ WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)  # steps of 0.05
 class LateFusionHead(nn.Module):
     name = "late"
     modality = "fusion"
+    decides_missing_alone = True  # a one-modality row uses that classifier alone: modality dropout is not needed
 
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.image_norm = Standardize(image_dim)
         self.text_norm = Standardize(text_dim)
+        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
         self.image_classifier = mlp(image_dim, hidden_dim, num_classes, dropout)
         self.text_classifier = mlp(text_dim, hidden_dim, num_classes, dropout)
         # Weight of the image classifier's probabilities; a buffer so it is saved with the weights.
         self.register_buffer("image_weight", torch.tensor(0.5))
 
     def unimodal_logits(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, text = fill_missing(image, self.image_missing), fill_missing(text, self.text_missing)
         return self.image_classifier(self.image_norm(image)), self.text_classifier(self.text_norm(text))
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         li, lt = self.unimodal_logits(image, text)
         w = self.image_weight.clamp(0.0, 1.0)
+        # A row missing one modality is decided by the other classifier alone (weight 1 on what is present).
+        no_image, no_text = torch.isnan(image).all(dim=1, keepdim=True), torch.isnan(text).all(dim=1, keepdim=True)
+        if bool(no_image.any() or no_text.any()):
+            w = torch.where(no_text, 1.0, torch.where(no_image, 0.0, w)).to(li.dtype)
         # log(w * p_i + (1 - w) * p_t) in log space: stable, and exact at w = 0 or 1 (log 0 = -inf drops out).
         stacked = torch.stack([torch.log(w) + torch.log_softmax(li, 1), torch.log1p(-w) + torch.log_softmax(lt, 1)])
         return torch.logsumexp(stacked, dim=0)

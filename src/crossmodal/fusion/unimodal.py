@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, mlp
+from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
 
 
 class ImageOnlyHead(nn.Module):
@@ -21,10 +21,11 @@ class ImageOnlyHead(nn.Module):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.image_norm = Standardize(image_dim)
+        self.image_missing = missing_placeholder(image_dim)
         self.classifier = mlp(image_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.image_norm(image))
+        return self.classifier(self.image_norm(fill_missing(image, self.image_missing)))
 
 
 class TextOnlyHead(nn.Module):
@@ -35,7 +36,8 @@ class TextOnlyHead(nn.Module):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         self.text_norm = Standardize(text_dim)
+        self.text_missing = missing_placeholder(text_dim)
         self.classifier = mlp(text_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, image: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.text_norm(text))
+        return self.classifier(self.text_norm(fill_missing(text, self.text_missing)))
