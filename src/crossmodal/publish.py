@@ -55,8 +55,9 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     run_id = logged["run_id"]
     try:
         name = cfg.mlflow.model_name
-        version = promotion.register(logged["model_uri"], name, run_id)
-        decision = promotion.gate(name, version, frame[frame["split"] == "test"], cfg.promotion, run_id=run_id)
+        version, decision = promotion.register_and_gate(logged["model_uri"], name, frame[frame["split"] == "test"],
+                                                        cfg.promotion, tracking.resolve_tracking_uri(cfg.mlflow),
+                                                        run_id=run_id)
     except BaseException:
         tracking.finish_run(run_id, "FAILED")
         raise
