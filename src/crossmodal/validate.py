@@ -85,7 +85,7 @@ class ValidationResult:
 
 def _safe(s: Any) -> Any:
     """Lone surrogates -> U+FFFD, so GX and its HTML renderer never meet unencodable strings."""
-    if not isinstance(s, str):
+    if not isinstance(s, str) or s.isascii():  # ASCII holds no surrogates
         return s
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
