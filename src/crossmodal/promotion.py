@@ -205,10 +205,7 @@ def recover(model_name: str) -> list[str]:
     from mlflow.exceptions import MlflowException
 
     client = _client()
-    try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException:
-        return []
+    versions = client.search_model_versions(f"name = '{model_name}'")  # [] for a model not registered yet
     done = []
     for mv in sorted(versions, key=lambda m: int(m.version)):
         state = (mv.tags or {}).get(STATE_TAG)
