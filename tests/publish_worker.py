@@ -42,7 +42,7 @@ def _barrier(fn, folder: Path, parties: int):
     def wrapper(*args, **kwargs):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / str(os.getpid())).touch()
-        deadline = time.time() + 600
+        deadline = time.time() + 300
         while len(list(folder.iterdir())) < parties:
             if time.time() > deadline:
                 raise TimeoutError("the other workers never reached the barrier")

@@ -51,6 +51,7 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     validation = json.loads((validated_dir / "validation.json").read_text())
     frame = pd.read_parquet(validated_dir / "validated.parquet")
     uri = tracking.resolve_tracking_uri(cfg.mlflow)
+    remote = uri.startswith(("http://", "https://"))
     try:
         logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, metrics, validation,
                                        frame, run_name=run_name)
@@ -61,7 +62,7 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
                                                             frame[frame["split"] == "test"], cfg.promotion, uri,
                                                             run_id=run_id)
         except BaseException as err:
-            if not tracking.is_unreachable(err):  # marking the run FAILED needs the server too
+            if not (remote and tracking.is_unreachable(err)):  # marking the run FAILED needs the server too
                 tracking.finish_run(run_id, "FAILED")
             raise
         tracking.finish_run(run_id)
@@ -69,7 +70,7 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     except Exception as err:
         # MLflow retried each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES) before giving up: say so in one line
         # instead of a page of urllib3 traceback.
-        if tracking.is_unreachable(err):
+        if remote and tracking.is_unreachable(err):
             raise tracking.unreachable_error(uri, err) from None
         raise
     info = {"tracking_uri": logged["tracking_uri"], "experiment_id": logged["experiment_id"], "run_id": run_id,

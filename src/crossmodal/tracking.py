@@ -53,6 +53,16 @@ def ensure_experiment(cfg: MlflowConfig) -> str:
     """Return the experiment id, creating it with artifacts under ``cfg.artifact_root`` for a local store."""
     from mlflow.tracking import MlflowClient
 
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        # The first client of a new SQLite store creates its tables, and MLflow's migrations do not expect a second
+        # process doing the same at the same moment: two runs started together would fail. One at a time here.
+        from filelock import FileLock
+
+        from crossmodal.promotion import lock_path
+
+        with FileLock(str(lock_path(uri).with_suffix(".init.lock"))):
+            MlflowClient().search_experiments(max_results=1)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -100,20 +110,26 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached, after MLflow's own HTTP retries."""
 
 
-_UNREACHABLE = ("max retries exceeded", "connection refused", "failed to establish a new connection",
-                "connectionerror", "remote end closed connection", "connection aborted", "connection reset",
-                "read timed out", "name or service not known")
-
-
 def is_unreachable(err: BaseException) -> bool:
-    """True when ``err`` (or what caused it) is a failure to reach the server, not an answer from it."""
+    """True when ``err`` (or what caused it) is a failure to reach an HTTP tracking server, not an answer from it."""
+    try:
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout as RequestsTimeout
+        from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+
+        network = (ConnectionError, RequestsConnectionError, RequestsTimeout, MaxRetryError, NewConnectionError,
+                   ProtocolError)
+    except ImportError:  # pragma: no cover - both come with MLflow
+        network = (ConnectionError,)
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, ConnectionError | TimeoutError):
+        if isinstance(err, network):
             return True
-        text = f"{type(err).__name__}: {err}".lower()
-        if any(s in text for s in _UNREACHABLE):
+        # MLflow folds the urllib3 error into the text of an MlflowException ("API request to ... failed with
+        # exception HTTPConnectionPool(...): Max retries exceeded ...").
+        text = str(err).lower()
+        if "max retries exceeded" in text or "failed to establish a new connection" in text:
             return True
         err = err.__cause__ or err.__context__
     return False
