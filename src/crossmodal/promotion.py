@@ -213,8 +213,8 @@ def recover(model_name: str) -> list[str]:
             client.delete_model_version(model_name, mv.version)
             run_id = (mv.tags or {}).get("crossmodal.run_id")
             if run_id:
-                try:
-                    if client.get_run(run_id).info.status == "RUNNING":
+                try:  # its run never got past registration, whatever status it was left in
+                    if client.get_run(run_id).info.status != "FAILED":
                         client.set_terminated(run_id, status="FAILED")
                 except MlflowException:
                     pass

@@ -318,6 +318,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
                                                   targets="label")
             mlflow.log_input(dataset, context="training")
             info = fused.log_model(train_dir, best, cfg, frame[frame["split"] == "test"])
+        # Leaving start_run() marked the run FINISHED; it is not until registration and the gate are done.
+        client.update_run(run_id, status="RUNNING")
         return {"tracking_uri": redact_uri(uri), "experiment_id": experiment_id, "run_id": run_id,
                 "model_uri": info.model_uri, "best_head": best, "head_runs": head_runs}
     except BaseException:
