@@ -28,7 +28,6 @@ from mlflow.tracking import MlflowClient
 
 from crossmodal import promotion
 from crossmodal.model import log_model
-from crossmodal.publish import publish
 
 REPO = Path(__file__).resolve().parents[1]
 
