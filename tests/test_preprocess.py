@@ -143,6 +143,9 @@ def test_image_to_tensor_center_crops():
     ("nul\x00byte\x07", "nulbyte"),
     ("a\u00a0b", "a b"),  # non-breaking space is whitespace too
     ("\u200b \u200d", ""),
+    ("family \U0001F468\u200d\U0001F469\u200d\U0001F467", "family \U0001F468\u200d\U0001F469\u200d\U0001F467"),  # emoji ZWJ
+    ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),  # Persian ZWNJ
+    ("zero\u200dwidth\u200c", "zerowidth"),  # a joiner in ASCII text is noise
     (None, ""),
 ])
 def test_clean_text(raw, clean):

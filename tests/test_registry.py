@@ -23,7 +23,7 @@ def _test_rows(tiny_run):
 def test_fused_model_predicts_from_paths_and_bytes(tiny_run, tmp_path):
     best = tiny_run["metrics"]["best_head"]
     folder = save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m")
-    model = FusedModel.load(folder)
+    model = FusedModel.load(folder, allowed_image_root=str(tiny_run["manifest"].parent))
     rows = _test_rows(tiny_run).head(4)
     by_path = model.predict(pd.DataFrame({"image": rows["image"].tolist(), "text": rows["text"].tolist()}))
     as_bytes = [open(p, "rb").read() for p in rows["image"]]
@@ -37,7 +37,8 @@ def test_fused_model_predicts_from_paths_and_bytes(tiny_run, tmp_path):
 
 def test_fused_model_rejects_bad_input_clearly(tiny_run, tmp_path):
     best = tiny_run["metrics"]["best_head"]
-    model = FusedModel.load(save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m"))
+    model = FusedModel.load(save_model_dir(tiny_run["models"], best, tiny_run["cfg"].encoders, tmp_path / "m"),
+                            allowed_image_root=str(tiny_run["manifest"].parent))
     with pytest.raises(PredictionInputError, match="'text' column"):
         model.predict(pd.DataFrame({"photo": ["a.jpg"]}))
     with pytest.raises(PredictionInputError, match="row 1: no image and no text"):
@@ -81,7 +82,9 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
     assert {"data/quarantine.csv", "data/validation.json", "data/data_docs"} <= artifacts
 
     champion = mlflow.pyfunc.load_model(f"models:/{cfg.mlflow.model_name}@champion")
-    out = champion.predict(_test_rows(tiny_run)[["image", "text"]].head(3).reset_index(drop=True))
+    rows3 = _test_rows(tiny_run).head(3)
+    out = champion.predict(pd.DataFrame({"image_bytes": [open(p, "rb").read() for p in rows3["image"]],
+                                         "text": rows3["text"].tolist()}))
     assert len(out) == 3 and "label" in out
 
     # Same data, same seed: an equal model does not displace the champion.

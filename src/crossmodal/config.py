@@ -76,6 +76,10 @@ class ValidationConfig(_Section):
     # Rows whose image or text is absent (null/empty cell): quarantined ("none") or kept with that modality
     # missing. A row with neither is always quarantined.
     allow_missing: Literal["none", "image", "text", "either"] = "none"
+    # How labels are compared: none (as written), strip (surrounding spaces dropped), strip_lower (also inner
+    # whitespace collapsed and lower-cased, so "Cat", "cat " and "CAT" are one class). Labels that still differ
+    # only by case or spaces are reported as a warning.
+    normalize_labels: Literal["none", "strip", "strip_lower"] = "strip"
 
 
 class ImageEncoderConfig(_Section):
@@ -179,6 +183,15 @@ class MlflowConfig(_Section):
 class PromotionConfig(_Section):
     metric: Literal["macro_f1", "accuracy", "roc_auc"] = "macro_f1"
     min_improvement: float = Field(0.005, ge=0)  # challenger must beat champion by more than this
+    lock_timeout_s: float = Field(1800, gt=0)  # how long a run waits for another run's gate to finish
+
+
+class ServingConfig(_Section):
+    """How the served model reads its input; stored in the logged model, so it travels with it."""
+
+    # Folder whose files a request may name by path in the ``image`` column. None: paths are refused and images
+    # must come as bytes (``image_bytes``, base64 over REST), so that no request can make the server read a file.
+    allowed_image_root: str | None = None
 
 
 class PathsConfig(_Section):
@@ -197,6 +210,7 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     promotion: PromotionConfig = PromotionConfig()
     paths: PathsConfig = PathsConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> Config:

@@ -15,11 +15,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from crossmodal.encoders import EncoderUnavailable
     from crossmodal.model import PredictionInputError
     from crossmodal.promotion import PromotionError
+    from crossmodal.tracking import TrackingUnavailable
     from crossmodal.train import TrainError
     from crossmodal.validate import ValidationFailed
 
     return (ConfigError, DataError, ValidationFailed, EncoderUnavailable, TrainError, PromotionError,
-            PredictionInputError)
+            PredictionInputError, TrackingUnavailable)
 
 
 class HideUserErrorTracebacks(logging.Filter):

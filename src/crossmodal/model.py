@@ -5,14 +5,14 @@ It is saved as a folder (``model.json`` + ``head/``) and wrapped as an MLflow py
 
     import mlflow, pandas as pd
     m = mlflow.pyfunc.load_model("models:/crossmodal-fusion@champion")
-    m.predict(pd.DataFrame({"image": ["photo.jpg"], "text": ["What a wonderful day"]}))
+    m.predict(pd.DataFrame({"image_bytes": [open("photo.jpg", "rb").read()], "text": ["What a wonderful day"]}))
     #    label   prob_neutral  prob_sarcastic  prob_sincere
 
 The probabilities are calibrated: the head's temperature, fitted on validation by the evaluation, is stored in
 ``model.json`` and applied as ``softmax(log(p + 1e-12) / T)`` (the label is unchanged by it).
 
-Input columns: ``text`` and, per row, ``image`` (a file path) or ``image_bytes`` (the encoded file's bytes; over
-REST, base64 as MLflow encodes binary columns). A row may lack one of the two (null or empty cell, or no such
+Input columns: ``text`` and, per row, ``image_bytes`` (the encoded file's bytes; over REST, base64 as MLflow
+encodes binary columns) or ``image`` (a file path). A row may lack one of the two (null or empty cell, or no such
 column): the head then predicts from the other modality alone (its learned placeholder stands in). Output:
 ``label`` and one ``prob_<label>`` per class.
 
@@ -23,11 +23,18 @@ weights) for heads with gates::
 
     m.predict(frame, params={"attribution": True})
     #    label  prob_...  attr_image  attr_text  gate_image  gate_text
+
+A path makes the model read a file, so paths are refused unless the model was logged with
+``serving.allowed_image_root``, and then only files that resolve (after ``..`` and symlinks) inside that folder are
+read: a request naming ``/etc/passwd`` gets a :class:`PredictionInputError` (HTTP 400 when served), never the file.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import os
 import shutil
 import tempfile
 from importlib import metadata
@@ -54,26 +61,63 @@ class PredictionInputError(ValueError):
 
 class FusedModel:
     def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
-                 max_pixels: int | None = None, temperature: float = 1.0):
+                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
         from crossmodal.embed import FeatureExtractor
 
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
         self.head = head.eval()
         self.labels = list(labels)
         self.head_name = head_name
         self.extractor = FeatureExtractor(encoders, max_pixels=max_pixels)
 
     @classmethod
-    def load(cls, directory: str | Path) -> FusedModel:
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FusedModel:
+        """Load a saved model; ``allowed_image_root`` overrides the folder stored in it (``serving.allowed_image_root``)."""
         from crossmodal.train import load_head
 
         directory = Path(directory)
         spec = json.loads((directory / MODEL_FILE).read_text())
         head = load_head(directory / HEAD_DIR)
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
-                   spec.get("max_image_pixels"), spec.get("temperature", 1.0))
+                   spec.get("max_image_pixels"), spec.get("temperature", 1.0),
+                   allowed_image_root or spec.get("allowed_image_root"))
+
+    def _image_path(self, i: int, path: str) -> str:
+        """``path`` resolved, if it may be read: inside ``allowed_image_root`` after ``..`` and symlinks."""
+        if self.allowed_image_root is None:
+            raise PredictionInputError(
+                f"row {i}: image paths are refused by this model (serving.allowed_image_root is not set); send the "
+                "image file's bytes in 'image_bytes' (base64 in a REST request)")
+        root = os.path.realpath(self.allowed_image_root)
+        if "\x00" in path:
+            raise PredictionInputError(f"row {i}: image path contains a NUL character; refused")
+        real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+        if os.path.commonpath([real, root]) != root:
+            raise PredictionInputError(f"row {i}: image path {path!r} is outside the allowed image root {root} "
+                                       "(serving.allowed_image_root); refused")
+        return real
+
+    def _image_source(self, i: int, row) -> str | bytes | None:
+        """The row's image as bytes or an allowed path; None when the row has no image (null or empty cells)."""
+        raw = getattr(row, "image_bytes", None)
+        if isinstance(raw, str) and raw:  # base64 text (what a JSON client sends for a binary column)
+            try:
+                raw = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise PredictionInputError(f"row {i}: 'image_bytes' is text but not base64; send the file's bytes, "
+                                           "base64-encoded") from None
+        if isinstance(raw, bytes | bytearray | memoryview) and len(raw):
+            return bytes(raw)
+        path = getattr(row, "image", None)
+        if isinstance(path, str) and path.strip():
+            return self._image_path(i, path)
+        if path is None or _is_null(path) or isinstance(path, str):
+            return None
+        raise PredictionInputError(f"row {i}: 'image' must be a path string (or use 'image_bytes'), got "
+                                   f"{type(path).__name__}")
 
     @property
     def has_gates(self) -> bool:
@@ -148,13 +192,7 @@ class FusedModel:
                                        f"both; got columns {list(frame.columns)}")
         images, texts = [], []
         for i, row in enumerate(frame.itertuples(index=False)):
-            raw = getattr(row, "image_bytes", None)
-            source = raw if isinstance(raw, bytes | bytearray) and len(raw) else getattr(row, "image", None)
-            if _is_null(source) or (isinstance(source, str) and not source.strip()):
-                source = None  # this row has no image: predicted from its text
-            elif not isinstance(source, str | bytes | bytearray):
-                raise PredictionInputError(f"row {i}: 'image' must be a path string (or use 'image_bytes'), got "
-                                           f"{type(source).__name__}")
+            source = self._image_source(i, row)  # None: this row has no image, predicted from its text
             text = getattr(row, "text", None)
             if _is_null(text):
                 text = None
@@ -165,7 +203,7 @@ class FusedModel:
             if source is None and text is None:
                 raise PredictionInputError(f"row {i}: no image and no text (give a path in 'image', bytes in "
                                            "'image_bytes', a 'text', or both)")
-            images.append(bytes(source) if isinstance(source, bytearray) else source)
+            images.append(source)
             texts.append(text)
         extra = ["attr_image", "attr_text"] + (["gate_image", "gate_text"] if self.has_gates else [])
         if not images:
@@ -197,11 +235,20 @@ class CrossmodalPyfunc(PythonModel):
         self.model.extractor.image_encoder, self.model.extractor.text_encoder  # noqa: B018
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.model.predict(model_input, attribution=bool((params or {}).get("attribution", False)))
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self.model.predict(model_input, attribution=bool((params or {}).get("attribution", False)))
+        except PredictionInputError as err:
+            # An MlflowException keeps our message in the scoring server's answer (HTTP 400); any other exception
+            # becomes a generic "unexpected error" with a stack trace.
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def save_model_dir(train_dir: str | Path, head: str, encoders: EncodersConfig, dst: str | Path,
-                   max_image_pixels: int | None = None, temperature: float = 1.0) -> Path:
+                   max_image_pixels: int | None = None, temperature: float = 1.0,
+                   allowed_image_root: str | None = None) -> Path:
     """Write the folder a :class:`FusedModel` loads from: the trained head and what it needs around it."""
     train_dir, dst = Path(train_dir), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -209,7 +256,8 @@ def save_model_dir(train_dir: str | Path, head: str, encoders: EncodersConfig, d
     (dst / HEAD_DIR / "predictions.npz").unlink(missing_ok=True)  # training-time outputs, not model state
     labels = json.loads((train_dir / "labels.json").read_text())
     spec = {"head": head, "labels": labels, "encoders": encoders.model_dump(), "max_image_pixels": max_image_pixels,
-            "temperature": float(temperature)}
+            "temperature": float(temperature),
+            "allowed_image_root": str(Path(allowed_image_root).resolve()) if allowed_image_root else None}
     (dst / MODEL_FILE).write_text(json.dumps(spec, indent=2))
     return dst
 
@@ -258,7 +306,7 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
     example = pd.DataFrame({"image_bytes": [image], "text": [first["text"] if isinstance(first["text"], str) else None]})
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model_dir(train_dir, head, cfg.encoders, Path(tmp) / "fused_model",
-                                cfg.validation.max_image_pixels, temperature)
+                                cfg.validation.max_image_pixels, temperature, cfg.serving.allowed_image_root)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(package_dir / "pyfunc_entry.py"),

@@ -7,11 +7,34 @@ comparison also proves the new model loads and predicts from raw inputs), by mor
 
 Every move of ``champion`` is recorded in the registered model's tag ``crossmodal.champion_history`` so that
 ``crossmodal rollback`` can return to the previous champion.
+
+:func:`register_and_gate` is what a pipeline run calls. It holds one lock for the whole register + compare + alias
+move, so two runs that finish at once are gated one after the other (the second compares against the first's
+outcome), and it orders its writes so that a run killed at any point leaves no half-done state:
+
+1. the new version is registered with tag ``crossmodal.state=pending``; no alias points at it;
+2. the gate scores it (reads only) and writes its decision as version tags, then ``crossmodal.state=decided``;
+3. ``challenger`` moves to it, then ``champion`` if it won; last, ``crossmodal.state=complete``.
+
+A run killed before 2 leaves a pending version that nothing points to: the next gate (under the same lock, so no
+other run can be mid-registration) deletes it and marks its MLflow run FAILED. A run killed after 2 has a decision
+that stands: the next gate finishes its alias moves. So aliases only ever point at decided versions, and
+``champion`` moves last.
+
+The lock is a file lock (``filelock``) next to the store for SQLite and file stores, so it holds across processes
+on one machine. For a remote tracking server it is a file lock in the temporary folder keyed by the server's URI:
+it serialises the runs of one machine only; runs on several machines against one server need one scheduler (a
+Prefect work pool with a concurrency limit of 1 on the training flow).
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +44,8 @@ from crossmodal.config import PromotionConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "crossmodal.champion_history"
+STATE_TAG = "crossmodal.state"  # pending -> decided -> complete (see the module docstring)
+PROMOTED_TAG = "crossmodal.gate.promoted"
 
 
 class PromotionError(RuntimeError):
@@ -76,7 +101,9 @@ def score_version(model_name: str, version: str, rows: pd.DataFrame, metric: str
     from crossmodal.evaluate import compute_metrics
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    out = model.predict(rows[["image", "text"]].reset_index(drop=True))
+    # Bytes, not paths: a model refuses image paths unless it was logged with serving.allowed_image_root.
+    images = [Path(p).read_bytes() for p in rows["image"]]
+    out = model.predict(pd.DataFrame({"image_bytes": images, "text": rows["text"].tolist()}))
     labels = [c[len("prob_"):] for c in out.columns if c.startswith("prob_")]
     if not set(rows["label"]).issubset(labels):
         return None
@@ -104,8 +131,12 @@ def set_champion(model_name: str, version: str) -> None:
 
 
 def gate(model_name: str, version: str, test_rows: pd.DataFrame, cfg: PromotionConfig,
-         run_id: str | None = None) -> GateDecision:
-    """Decide whether ``version`` (already registered, alias challenger) becomes champion."""
+         run_id: str | None = None, move_aliases: bool = True) -> GateDecision:
+    """Decide whether ``version`` (already registered) becomes champion.
+
+    With ``move_aliases`` False only the decision is made and recorded on the run (``register_and_gate`` moves
+    the aliases itself, after recording the decision on the version).
+    """
     champion = current_champion(model_name)
     challenger_score = score_version(model_name, version, test_rows, cfg.metric)
     if champion is None:
@@ -128,13 +159,116 @@ def gate(model_name: str, version: str, test_rows: pd.DataFrame, cfg: PromotionC
                       f"needs > {cfg.min_improvement})")
             decision = GateDecision(promoted, reason, cfg.metric, version, challenger_score, champion,
                                     champion_score, delta)
-    if decision.promoted:
+    if decision.promoted and move_aliases:
         set_champion(model_name, version)
     if run_id:
         client = _client()
         for key, value in decision.to_dict().items():
             client.set_tag(run_id, f"crossmodal.gate.{key}", "" if value is None else str(value))
     return decision
+
+
+def lock_path(tracking_uri: str) -> Path:
+    """The gate's lock file for a tracking store: next to a SQLite database or file store, else in the temp dir."""
+    uri = tracking_uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        return db.with_name(db.name + ".gate.lock")
+    if uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+        return folder / ".crossmodal-gate.lock"
+    key = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"crossmodal-gate-{key}.lock"
+
+
+@contextmanager
+def gate_lock(tracking_uri: str, timeout_s: float):
+    """Hold the store's gate lock (one gate at a time); a clear PromotionError if it stays taken ``timeout_s``."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise PromotionError(f"another run has held the promotion lock {path} for over {timeout_s:.0f} s "
+                             "(promotion.lock_timeout_s); if no run is active, delete the file and retry") from None
+    try:
+        yield path
+    finally:
+        lock.release()
+
+
+def recover(model_name: str) -> list[str]:
+    """Finish or undo what a killed run left half done (call only under the gate lock). Returns what it did."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    versions = client.search_model_versions(f"name = '{model_name}'")  # [] for a model not registered yet
+    done = []
+    for mv in sorted(versions, key=lambda m: int(m.version)):
+        state = (mv.tags or {}).get(STATE_TAG)
+        if state == "pending":  # registered, never decided: nothing points at it; remove it
+            client.delete_model_version(model_name, mv.version)
+            run_id = (mv.tags or {}).get("crossmodal.run_id")
+            if run_id:
+                try:  # its run never got past registration, whatever status it was left in
+                    if client.get_run(run_id).info.status != "FAILED":
+                        client.set_terminated(run_id, status="FAILED")
+                except MlflowException:
+                    pass
+            done.append(f"deleted version {mv.version} (its run stopped before the gate decided)")
+        elif state == "decided":  # decided, aliases not all moved: finish the moves
+            _move_aliases(model_name, str(mv.version), mv.tags.get(PROMOTED_TAG) == "True")
+            done.append(f"finished the alias moves of version {mv.version}")
+    return done
+
+
+def _move_aliases(model_name: str, version: str, promoted: bool) -> None:
+    client = _client()
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    if promoted:
+        set_champion(model_name, version)  # champion moves last
+    client.set_model_version_tag(model_name, version, STATE_TAG, "complete")
+
+
+def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, cfg: PromotionConfig,
+                      tracking_uri: str, run_id: str | None = None) -> tuple[str, GateDecision]:
+    """Register ``model_uri`` and run the gate, one run at a time; returns (version, decision).
+
+    See the module docstring for the lock and the order of writes.
+    """
+    import mlflow
+
+    client = _client()
+    with gate_lock(tracking_uri, cfg.lock_timeout_s):
+        started = time.time()
+        for note in recover(model_name):
+            import logging
+
+            logging.getLogger(__name__).warning("%s: %s", model_name, note)
+        mv = mlflow.register_model(model_uri, model_name,
+                                   tags={"crossmodal.run_id": run_id or "", STATE_TAG: "pending"})
+        version = str(mv.version)
+        try:
+            decision = gate(model_name, version, test_rows, cfg, run_id=run_id, move_aliases=False)
+            for key in ("promoted", "reason", "metric"):
+                client.set_model_version_tag(model_name, version, f"crossmodal.gate.{key}",
+                                             str(getattr(decision, key)))
+            client.set_model_version_tag(model_name, version, STATE_TAG, "decided")
+        except BaseException:
+            # Still pending: undo now rather than leave it to the next run (a hard kill skips this; recover() then).
+            try:
+                client.delete_model_version(model_name, version)
+            except Exception:  # the store itself may be what failed; recover() removes it later
+                pass
+            raise
+        _move_aliases(model_name, version, decision.promoted)
+        if run_id:
+            client.set_tag(run_id, "crossmodal.gate.started_at", f"{started:.6f}")
+            client.set_tag(run_id, "crossmodal.gate.finished_at", f"{time.time():.6f}")
+    return version, decision
 
 
 def promote(model_name: str, version: str | int) -> str:

@@ -57,19 +57,31 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
     metrics = json.loads((reports_dir / "metrics.json").read_text())
     validation = json.loads((validated_dir / "validation.json").read_text())
     frame = pd.read_parquet(validated_dir / "validated.parquet")
-    logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, metrics, validation,
-                                   frame, run_name=run_name)
-    run_id = logged["run_id"]
+    uri = tracking.resolve_tracking_uri(cfg.mlflow)
+    remote = uri.startswith(("http://", "https://"))
     try:
-        name = cfg.mlflow.model_name
-        version = promotion.register(logged["model_uri"], name, run_id)
-        decision = promotion.gate(name, version, frame[frame["split"] == "test"], cfg.promotion, run_id=run_id)
-    except BaseException:
-        tracking.finish_run(run_id, "FAILED")
+        logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, metrics, validation,
+                                       frame, run_name=run_name)
+        run_id = logged["run_id"]
+        try:
+            name = cfg.mlflow.model_name
+            version, decision = promotion.register_and_gate(logged["model_uri"], name,
+                                                            frame[frame["split"] == "test"], cfg.promotion, uri,
+                                                            run_id=run_id)
+        except BaseException as err:
+            if not (remote and tracking.is_unreachable(err)):  # marking the run FAILED needs the server too
+                tracking.finish_run(run_id, "FAILED")
+            raise
+        tracking.finish_run(run_id)
+        champion = promotion.current_champion(name)
+    except Exception as err:
+        # MLflow retried each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES) before giving up: say so in one line
+        # instead of a page of urllib3 traceback.
+        if remote and tracking.is_unreachable(err):
+            raise tracking.unreachable_error(uri, err) from None
         raise
-    tracking.finish_run(run_id)
     info = {"tracking_uri": logged["tracking_uri"], "experiment_id": logged["experiment_id"], "run_id": run_id,
-            "model_name": name, "version": version, "champion_version": promotion.current_champion(name)}
+            "model_name": name, "version": version, "champion_version": champion}
     summary = build_summary(metrics, validation, str((validated_dir / "quarantine.csv").resolve()), info,
                             decision.to_dict())
     if summary_path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -52,6 +53,16 @@ def ensure_experiment(cfg: MlflowConfig) -> str:
     """Return the experiment id, creating it with artifacts under ``cfg.artifact_root`` for a local store."""
     from mlflow.tracking import MlflowClient
 
+    uri = resolve_tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        # The first client of a new SQLite store creates its tables, and MLflow's migrations do not expect a second
+        # process doing the same at the same moment: two runs started together would fail. One at a time here.
+        from filelock import FileLock
+
+        from crossmodal.promotion import lock_path
+
+        with FileLock(str(lock_path(uri).with_suffix(".init.lock"))):
+            MlflowClient().search_experiments(max_results=1)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -70,12 +81,72 @@ def ensure_experiment(cfg: MlflowConfig) -> str:
         return exp.experiment_id
 
 
+# Query parameters that carry credentials in presigned or token URLs (S3, GCS, Azure SAS, generic ?token=).
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[\w.-]*(?:token|secret|password|passwd|pwd|key|signature|credential|sig|auth)"
+                           r"[\w.-]*)=)[^&#;\s]*")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+# Names of settings whose value is a secret whatever it looks like.
+SECRET_KEY = re.compile(r"(?i)(token|secret|password|passwd|credential|auth|(?:^|[_-])key$|[a-z]key$)")
+
+
 def redact_uri(uri: str) -> str:
-    """Drop credentials from a URI before it is printed or logged (``user:pass@host`` -> ``***@host``)."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    """Drop credentials from a URI before it is printed or logged.
+
+    ``user:pass@host`` -> ``***@host``; ``?token=abc&X-Amz-Signature=...`` -> ``?token=***&X-Amz-Signature=***``.
+    Works on a URI anywhere inside a longer string too.
+    """
+    if not isinstance(uri, str):
+        return uri
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+
+
+def redact_params(params: dict[str, str]) -> dict[str, str]:
+    """``params`` with secret-named keys masked and credentials removed from every value (see :func:`redact_uri`)."""
+    return {k: "***" if SECRET_KEY.search(k.rsplit(".", 1)[-1]) and v not in ("", "None") else redact_uri(v)
+            for k, v in params.items()}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached, after MLflow's own HTTP retries."""
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """True when ``err`` (or what caused it) is a failure to reach an HTTP tracking server, not an answer from it."""
+    try:
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout as RequestsTimeout
+        from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+
+        network = (ConnectionError, RequestsConnectionError, RequestsTimeout, MaxRetryError, NewConnectionError,
+                   ProtocolError)
+    except ImportError:  # pragma: no cover - both come with MLflow
+        network = (ConnectionError,)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, network):
+            return True
+        # MLflow folds the urllib3 error into the text of an MlflowException ("API request to ... failed with
+        # exception HTTPConnectionPool(...): Max retries exceeded ...").
+        text = str(err).lower()
+        if "max retries exceeded" in text or "failed to establish a new connection" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def unreachable_error(uri: str, err: BaseException) -> TrackingUnavailable:
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
+
+    text = str(err).lower()
+    why = next((s for s in ("connection refused", "read timed out", "name or service not known",
+                            "remote end closed connection", "connection reset") if s in text), "no answer")
+    return TrackingUnavailable(
+        f"MLflow tracking server {redact_uri(uri)} is unreachable ({why}) after "
+        f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries of each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+        f"timeout {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s: MLFLOW_HTTP_REQUEST_TIMEOUT); the model was not promoted. "
+        "Start the server (or fix mlflow.tracking_uri / MLFLOW_TRACKING_URI) and run `crossmodal register` again; "
+        "a half-registered version is removed by the next run's gate.")
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
@@ -124,13 +195,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 
 
 def config_params(cfg: Config) -> dict[str, str]:
-    """Every knob as a flat MLflow param, except where the store lives (it may hold credentials)."""
+    """Every knob as a flat MLflow param, except where the store lives; credentials in any value are redacted."""
     data = cfg.model_dump()
     data.pop("mlflow", None)
     data.pop("paths", None)
     flat: dict[str, str] = {}
     _flatten("", data, flat)
-    return flat
+    return redact_params(flat)
 
 
 def _log_metrics(client, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:
@@ -208,7 +279,7 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     best = metrics.get("registered_head") or metrics["best_head"]  # never a traditional baseline
 
     tags = {"crossmodal.best_head": best, "crossmodal.data_hash": str(validation.get("data_hash")),
-            "crossmodal.manifest": str(Path(manifest_path).resolve())}
+            "crossmodal.manifest": redact_uri(str(Path(manifest_path).resolve()))}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -254,6 +325,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
             mlflow.log_input(dataset, context="training")
             info = fused.log_model(train_dir, best, cfg, frame[frame["split"] == "test"],
                                    metrics["heads"][best].get("temperature") or 1.0)
+        # Leaving start_run() marked the run FINISHED; it is not until registration and the gate are done.
+        client.update_run(run_id, status="RUNNING")
         return {"tracking_uri": redact_uri(uri), "experiment_id": experiment_id, "run_id": run_id,
                 "model_uri": info.model_uri, "best_head": best, "head_runs": head_runs}
     except BaseException:

@@ -86,9 +86,65 @@ class ValidationResult:
 
 def _safe(s: Any) -> Any:
     """Lone surrogates -> U+FFFD, so GX and its HTML renderer never meet unencodable strings."""
-    if not isinstance(s, str):
+    if not isinstance(s, str) or s.isascii():  # ASCII holds no surrogates
         return s
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _safe_list(col: pd.Series) -> list:
+    return [_safe(v) for v in col.tolist()]
+
+
+def _map_distinct(col: pd.Series, fn) -> list:
+    """``fn`` applied to each distinct non-missing value once (labels and splits repeat), None kept as None."""
+    memo: dict[Any, Any] = {}
+    out = []
+    for v in col.tolist():
+        if v is None:
+            out.append(None)
+            continue
+        if v not in memo:
+            memo[v] = fn(v)
+        out.append(memo[v])
+    return out
+
+
+def normalize_label(label: str | None, how: str = "strip") -> str | None:
+    """A label as compared and stored (see ``validation.normalize_labels``); a blank label is None (missing)."""
+    if label is None or not label.strip():
+        return None
+    if how == "none":
+        return label
+    if how == "strip_lower":
+        return " ".join(label.split()).lower()
+    return label.strip()
+
+
+def label_variants(labels: pd.Series, how: str) -> list[dict[str, Any]]:
+    """Spellings of one label that differ only by case or whitespace, and the classes they end up as."""
+    groups: dict[str, set[str]] = {}
+    for lab in pd.unique(labels.dropna()):
+        if isinstance(lab, str) and lab.strip():
+            groups.setdefault(" ".join(lab.split()).lower(), set()).add(_safe(lab))
+    return [{"spellings": sorted(spellings), "classes": sorted({normalize_label(s, how) for s in spellings})}
+            for _, spellings in sorted(groups.items()) if len(spellings) > 1]
+
+
+def _truncation_warning(texts: list[str], cfg: Config) -> str | None:
+    """One warning (with a count) for the texts the text encoder's tokenizer will cut, instead of silence."""
+    from crossmodal.encoders import EncoderUnavailable
+    from crossmodal.encoders.text import count_truncated
+
+    tcfg = cfg.encoders.text
+    try:
+        n, longest = count_truncated(tcfg.name, texts, tcfg.max_length)
+    except EncoderUnavailable as err:
+        log.warning("cannot count texts longer than the tokenizer limit: %s", err)
+        return None
+    if not n:
+        return None
+    return (f"{n} text(s) are longer than encoders.text.max_length={tcfg.max_length} tokens (longest: {longest} "
+            "tokens); the tokenizer keeps only their first tokens")
 
 
 # ----------------------------------------------------------------------------- the GX suite
@@ -256,13 +312,14 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
     checks = check_rows(raw, root, vcfg)
     reasons: list[Reason | None] = list(checks.reasons)
     frame = pd.DataFrame({
-        "_row": raw["_row"].astype("int64"), "id": raw["id"].map(_safe),
-        "image": [None if gone else _safe(i) for i, gone in zip(raw["image"], checks.missing_image)],
-        "text": [None if t is None or gone else clean_text(_safe(t))
-                 for t, gone in zip(raw["text"], checks.missing_text)],
-        "label": [None if lab is None or not lab.strip() else _safe(lab.strip()) for lab in raw["label"]],
-        "split": [_safe(normalize_split(s)) for s in raw["split"]],
-        "group": raw["group"].map(_safe)}).astype({c: object for c in ("id", "image", "text", "label", "split", "group")})
+        "_row": raw["_row"].astype("int64"), "id": _safe_list(raw["id"]),
+        # Absent images/texts that validation.allow_missing keeps are nulls from here on.
+        "image": [None if gone else v for v, gone in zip(_safe_list(raw["image"]), checks.missing_image)],
+        "text": [None if gone else v for v, gone in
+                 zip(_map_distinct(raw["text"], lambda t: clean_text(_safe(t))), checks.missing_text)],
+        "label": _map_distinct(raw["label"], lambda lab: normalize_label(_safe(lab), vcfg.normalize_labels)),
+        "split": [_safe(normalize_split(s)) for s in raw["split"].tolist()],
+        "group": _safe_list(raw["group"])}).astype({c: object for c in ("id", "image", "text", "label", "split", "group")})
     has_split = frame["split"].notna().any()
     if raw.attrs.get("source", {}).get("has_split") and not has_split:
         log.warning("the split column of %s is empty in every row; assigning splits instead", manifest_path)
@@ -278,14 +335,16 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
             if reasons[row] is None:
                 reasons[row] = _gx_reason(exp, row, frame, raw, first_row, vcfg)
 
-    # Dataset level: classes too small to learn from or to split.
-    counts = Counter(frame["label"][i] for i in range(n) if reasons[i] is None)
+    # Dataset level: classes too small to learn from or to split. (Plain lists: per-row pandas indexing costs
+    # seconds on a million rows.)
+    label_list = frame["label"].tolist()
+    counts = Counter(lab for lab, r in zip(label_list, reasons) if r is None)
     small = {lab: c for lab, c in counts.items() if c < vcfg.min_rows_per_class}
-    for i in range(n):
-        if reasons[i] is None and frame.at[i, "label"] in small:
-            lab = frame.at[i, "label"]
-            reasons[i] = ("class too small", f"class {lab!r} has only {small[lab]} valid row(s), fewer than "
-                          f"validation.min_rows_per_class={vcfg.min_rows_per_class}")
+    if small:
+        for i, lab in enumerate(label_list):
+            if reasons[i] is None and lab in small:
+                reasons[i] = ("class too small", f"class {lab!r} has only {small[lab]} valid row(s), fewer than "
+                              f"validation.min_rows_per_class={vcfg.min_rows_per_class}")
 
     keep = [i for i in range(n) if reasons[i] is None]
     kept = frame.iloc[keep].copy()
@@ -300,6 +359,15 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
     quarantine = _write_quarantine(raw, reasons, paths["quarantine"])
     kinds = Counter(r[0] for r in reasons if r is not None)
     warnings = _cross_split_warnings(kept) if len(kept) else []
+    variants = label_variants(raw["label"], vcfg.normalize_labels)
+    for v in variants:
+        if len(v["classes"]) > 1:
+            warnings.append(f"labels {v['spellings']} differ only by case or spaces and are {len(v['classes'])} "
+                            f"separate classes {v['classes']}; set validation.normalize_labels: strip_lower to "
+                            "merge them, or fix the manifest")
+    truncated = _truncation_warning(kept["text"].tolist(), cfg)
+    if truncated:
+        warnings.append(truncated)
     for lab in labels:
         if has_split and not (kept["label"].eq(lab) & kept["split"].eq("train")).any():
             warnings.append(f"class {lab!r} has no train rows in the manifest's split")
@@ -335,6 +403,7 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
         "max_quarantine_fraction": vcfg.max_quarantine_fraction, "labels": labels,
         "split_source": "manifest" if has_split else f"assigned (seed {cfg.data.split.seed})",
         "split_counts": split_counts, "quarantine_reasons": dict(kinds.most_common()), "data_hash": data_hash,
+        "normalize_labels": vcfg.normalize_labels, "label_variants": variants,
         "expectations": [{"expectation": e["expectation"], "kwargs": e["kwargs"], "success": e["success"],
                           "unexpected_count": len(e["rows"]), "failing_rows": e["rows"][:100],
                           "failing_ids": [frame.at[r, "id"] for r in e["rows"][:100]], "error": e["error"]}

@@ -14,7 +14,9 @@ Values are kept *raw*: nothing is stripped or cleaned here, so that validation c
 exactly what was wrong with a row. Missing cells become None. Bytes that are not valid
 UTF-8 are kept as lone surrogates (``surrogateescape``) instead of failing the whole
 file; ``crossmodal.validate`` quarantines those rows and names them. Labels, ids, splits
-and groups are converted to ``str`` (a numeric label 1 becomes "1").
+and groups are converted to ``str`` (a numeric label 1 becomes "1"); a JSON list or object where one
+value belongs is kept as its JSON text, marked (:class:`Structured`) so that validation quarantines
+the row. A CSV's separator (comma, semicolon, tab or pipe) is read from its header line.
 """
 
 from __future__ import annotations
@@ -44,8 +46,26 @@ def _is_missing(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
+class Structured(str):
+    """A JSON list or object found where one value belongs; kept as its JSON text so validation can quarantine it."""
+
+    structured: str = "JSON value"
+
+
+def _structured(v: list | tuple | dict) -> Structured:
+    out = Structured(json.dumps(v, ensure_ascii=False, default=str))
+    out.structured = "JSON object" if isinstance(v, dict) else "JSON list"
+    return out
+
+
 def _as_text(v: Any) -> str | None:
     """Raw value -> str (None stays None). Bytes (Parquet binary columns) decode like the CSV reader."""
+    if isinstance(v, (list, tuple, dict)):
+        return _structured(v)
+    if hasattr(v, "tolist") and not isinstance(v, str):  # a numpy array from a Parquet list column
+        v = v.tolist()
+        if isinstance(v, list):
+            return _structured(v)
     if _is_missing(v):
         return None
     if isinstance(v, (bytes, bytearray, memoryview)):
@@ -55,13 +75,33 @@ def _as_text(v: Any) -> str | None:
     return v if isinstance(v, str) else str(v)
 
 
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(path: Path) -> str:
+    """The field separator of a CSV file, from its header line: the one that splits it into most fields.
+
+    European spreadsheets save "CSV" with semicolons, some exports use tabs; a comma wins ties. Separators inside
+    double quotes do not count.
+    """
+    with open(path, "rb") as fh:
+        line = fh.readline(1 << 16).decode("utf-8", errors="replace").removeprefix("\ufeff")
+    unquoted = "".join(part for k, part in enumerate(line.split('"')) if k % 2 == 0)
+    counts = {d: unquoted.count(d) for d in _DELIMITERS}
+    best = max(_DELIMITERS, key=lambda d: (counts[d], d == ","))
+    return best if counts[best] else ","
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
+    sep = sniff_delimiter(path)
     try:
         # utf-8-sig drops a byte-order mark (Excel writes one); surrogateescape keeps invalid
         # bytes as lone surrogates so one bad cell quarantines one row instead of the file.
         # Only an empty cell is missing: the strings "NA" or "null" may well be real labels.
-        return pd.read_csv(path, encoding="utf-8-sig", encoding_errors="surrogateescape", dtype=object,
-                           keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(path, sep=sep, encoding="utf-8-sig", encoding_errors="surrogateescape", dtype=object,
+                            keep_default_na=False, na_values=[""])
+        frame.attrs["delimiter"] = sep
+        return frame
     except pd.errors.EmptyDataError:
         raise DataError(f"manifest {path} is empty: it has no header and no rows") from None
     except pd.errors.ParserError as err:
@@ -138,12 +178,17 @@ def read_manifest(path: str | Path, columns: Columns | None = None) -> pd.DataFr
     out = pd.DataFrame({"_row": pd.Series(range(n), dtype="int64")})
     for role in ("id", "image", "text", "label", "split", "group"):
         name = mapping[role]
-        if name in available:
+        if name in available and kind == "csv":
+            # The CSV reader gives only str or NaN: a vectorised NaN -> None is enough (fast on a million rows).
+            col = raw[name].astype(object)
+            out[role] = col.where(col.notna(), None).reset_index(drop=True)
+        elif name in available:
             out[role] = pd.Series([_as_text(v) for v in raw[name].tolist()], dtype=object)
         elif role == "id":
             out[role] = pd.Series([f"row-{i}" for i in range(n)], dtype=object)
         else:
             out[role] = pd.Series([None] * n, dtype=object)
-    out.attrs["source"] = {"path": str(path), "format": kind, "columns": available,
+    out.attrs["source"] = {"path": str(path), "format": kind, "delimiter": raw.attrs.get("delimiter"),
+                           "columns": available,
                            "has_split": mapping["split"] in available, "has_group": mapping["group"] in available}
     return out[CANONICAL]

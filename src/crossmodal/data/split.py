@@ -64,6 +64,9 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig | None = None) -> pd.Series
 
     by_label: dict[str, list[object]] = {}
     for key, rows in unit_rows.items():
+        if len(rows) == 1:  # an ungrouped row (most rows): its own label, without a Counter per row
+            by_label.setdefault(str(labels[rows[0]]), []).append(key)
+            continue
         counts = Counter(str(labels[p]) for p in rows)
         top = max(counts.values())
         primary = min(lab for lab, c in counts.items() if c == top)  # ties -> alphabetical, for determinism
@@ -88,5 +91,8 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig | None = None) -> pd.Series
             else:
                 split = "train"
             filled[split] += len(rows)
-            out[rows] = split
+            if len(rows) == 1:
+                out[rows[0]] = split  # scalar store: fancy indexing per row costs seconds on a million rows
+            else:
+                out[rows] = split
     return pd.Series(out, index=df.index, dtype=object, name="split")

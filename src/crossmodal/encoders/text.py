@@ -150,3 +150,36 @@ def _has_normalize_module(source: str) -> bool:
         return any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def count_truncated(name: str, texts: list[str], max_length: int) -> tuple[int, int]:
+    """How many of ``texts`` the tokenizer of encoder ``name`` will cut at ``max_length`` tokens, and the longest.
+
+    Loads the tokenizer only (no weights). Validation calls it once per run so that one warning with a count
+    replaces silent truncation at extraction time. Raises :class:`EncoderUnavailable` when the tokenizer is not on
+    disk.
+    """
+    # A token covers at least one UTF-8 byte, so a text of at most max_length - 2 bytes (room for the special
+    # tokens) cannot be cut: skip the tokenizer for those (nearly all captions).
+    long = [t for t in texts if len(t) * 4 + 2 > max_length and len(t.encode("utf-8", "replace")) + 2 > max_length]
+    if not long:
+        return 0, 0
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from crossmodal.encoders import canonical_name
+
+    name = canonical_name(name)
+    source = minilm_folder() if name == "all-MiniLM-L6-v2" else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise EncoderUnavailable(f"tokenizer of text encoder {name!r} could not be loaded: {err}") from None
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "sequence length is longer than the maximum": the very thing we count
+    try:
+        lengths = [len(ids) for ids in tokenizer(long, truncation=False)["input_ids"]]
+    finally:
+        hf_logging.set_verbosity(level)
+    over = [n for n in lengths if n > max_length]
+    return len(over), max(over, default=0)
