@@ -33,6 +33,7 @@ from crossmodal.config import Config, EncodersConfig
 
 MODEL_FILE = "model.json"
 HEAD_DIR = "head"
+PREDICT_CHUNK = 256  # rows decoded and embedded at a time by FusedModel.predict
 
 
 class PredictionInputError(ValueError):
@@ -70,6 +71,14 @@ class FusedModel:
         return predict_proba(self.head, img, self.extractor.embed_texts(texts))
 
     def predict(self, frame: pd.DataFrame | dict | list) -> pd.DataFrame:
+        """Labels and probabilities for each row, streamed PREDICT_CHUNK rows at a time (bounded memory)."""
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        if len(frame) <= PREDICT_CHUNK:
+            return self._predict_rows(frame)
+        return pd.concat([self._predict_rows(frame.iloc[s : s + PREDICT_CHUNK], offset=s)
+                          for s in range(0, len(frame), PREDICT_CHUNK)], ignore_index=True)
+
+    def _predict_rows(self, frame: pd.DataFrame, offset: int = 0) -> pd.DataFrame:
         from crossmodal.preprocess import clean_text
 
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
@@ -78,7 +87,7 @@ class FusedModel:
         if "image" not in frame.columns and "image_bytes" not in frame.columns:
             raise PredictionInputError("input needs an 'image' (path) or 'image_bytes' column")
         images, texts = [], []
-        for i, row in enumerate(frame.itertuples(index=False)):
+        for i, row in enumerate(frame.itertuples(index=False), start=offset):
             raw = getattr(row, "image_bytes", None)
             source = raw if isinstance(raw, bytes | bytearray) and len(raw) else getattr(row, "image", None)
             if not isinstance(source, str | bytes | bytearray) or not source:
