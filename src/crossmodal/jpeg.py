@@ -9,7 +9,8 @@ Usage::
 
 On a GPU, Pillow decoding is the limit (about 200 images/s per CPU core); batched nvJPEG decoding on the device
 removes it. Only JPEGs that the CPU path would turn into the very same pixels take this route: three-channel
-(Pillow mode RGB), no EXIF rotation, declared size within the pixel limit. Anything else, and any file the device
+(Pillow mode RGB), complete (ends with the end-of-image marker), no EXIF rotation, declared size within
+the pixel limit. Anything else, and any file the device
 decoder rejects, goes through ``crossmodal.preprocess`` on the CPU, which also gives the user-facing error.
 The resize reproduces ``image_to_tensor``: shorter side to ``size`` (long side truncated as torchvision does),
 bicubic with antialiasing (Pillow's filter: a = -0.5, support widened when shrinking), centre crop, rounded to uint8.
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 _SOI = b"\xff\xd8\xff"  # every JPEG starts with the start-of-image marker followed by another marker
+_EOI = b"\xff\xd9"  # ... and ends with the end-of-image marker (a cut-off file does not)
 _ORIENTATION = 0x0112
 
 
@@ -33,8 +35,8 @@ def gpu_ready_jpeg(data: bytes, max_pixels: int | None) -> bool:
 
     Reads the header only (Pillow opens lazily), so this costs microseconds, not a decode.
     """
-    if not data.startswith(_SOI):
-        return False
+    if not data.startswith(_SOI) or not data.rstrip(b"\x00").endswith(_EOI):
+        return False  # not a JPEG, or a truncated one (Pillow refuses those; let it say so)
     from PIL import Image
 
     try:
@@ -64,9 +66,16 @@ def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
     h, w = x.shape[-2:]
     new_w, new_h = resized_shape(w, h, size)
-    if (new_w, new_h) != (w, h):
-        y = F.interpolate(x.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-        x = y.round_().clamp_(0, 255).to(torch.uint8)
+    # Two passes, horizontal then vertical, rounded to uint8 in between: that is how Pillow resamples 8-bit images,
+    # and the clipping between the passes matters next to hard edges (bicubic overshoots there).
+    y = x.float()
+    if new_w != w:
+        y = F.interpolate(y, size=(h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255)
+    if new_h != h:
+        y = F.interpolate(y, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        y = y.round_().clamp_(0, 255)
+    x = y.to(torch.uint8)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return x[..., top : top + size, left : left + size]
 
