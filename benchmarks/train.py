@@ -83,8 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
         result = train_all(validated, image, text, cfg, Path(tmp) / "models")
         seconds = time.perf_counter() - t0
 
+    import torch
+
+    from crossmodal.train import BatchStream
+
+    stream = BatchStream(result.rows["train"], cfg.batch_size, torch.Generator())
     say(f"\n{rows:,} rows of cached features (1280-d image, 384-d text), {len(cfg.heads)} heads, "
-        f"batch {cfg.batch_size}, up to {cfg.max_epochs} epochs, patience {cfg.patience}:")
+        f"{result.rows['train']:,} training rows in epochs of {min(stream.epoch_rows, result.rows['train']):,} rows, "
+        f"batch {stream.batch_size}, up to {cfg.max_epochs} epochs, patience {cfg.patience}:")
     say(f"  {'head':<11} {'epochs':>6} {'seconds':>8} {'val macro-F1':>13}")
     for head in cfg.heads:
         say(f"  {head:<11} {result.epochs_run[head]:>6} {result.seconds[head]:>8.2f} {result.val_macro_f1[head]:>13.3f}")

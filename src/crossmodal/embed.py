@@ -7,10 +7,15 @@ Usage::
     img = fx.embed_images(["a.jpg", open("b.png", "rb").read()])   # float32 (2, fx.image_dim)
     txt = fx.embed_texts(["a red bus", "two cats"])                # float32 (2, fx.text_dim)
 
+    for feats in fx.iter_image_features(paths):          # the same, one batch at a time (the feature store)
+        ...
+
 Used by the feature store (``crossmodal.extract``) and by the served model (``crossmodal.model``), so training and
 serving embed inputs the same way. Speed on CPU comes from layout and precision more than from batching:
 channels_last makes depthwise convolutions ~2x faster and bf16 autocast another ~2x on CPUs with AVX512-BF16/AMX
-(fp32 elsewhere).
+(fp32 elsewhere). Images are decoded in DataLoader workers while the encoder runs; on CUDA, plain JPEGs are decoded
+in batches on the GPU (``crossmodal.jpeg``) from pinned memory. Texts are tokenized once per chunk and batched by
+length. Batch sizes start from the config (``auto``: by device) and halve whenever the device runs out of memory.
 """
 
 from __future__ import annotations
