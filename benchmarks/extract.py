@@ -165,7 +165,7 @@ def measure_rss(validated: Path, cache: Path, device: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.extract", "--rss-child", str(validated), str(cache), "--device", device]
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
     if out.returncode != 0:
         raise SystemExit(f"RSS child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

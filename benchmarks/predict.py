@@ -37,9 +37,9 @@ def registered_model(root: Path, device: str):
     """Train a concat head, log it as the project's pyfunc, register it; returns the loaded pyfunc."""
     import logging
 
-    import mlflow
     import pandas as pd
 
+    import mlflow
     from crossmodal.config import from_dict
     from crossmodal.model import log_model
     from crossmodal.train import train_all

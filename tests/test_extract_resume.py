@@ -199,7 +199,8 @@ def test_stale_temporary_files_are_swept(table, tmp_path, fx):
     key = extract.feature_keys(pd.read_parquet(table), _cfg(), "fp32")["image"]
     parts = cache / "image" / f"{key}.parts"
     parts.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale = parts / f".000001.npy.{int(dead.stdout)}.0123456789ab.tmp"
     stale.write_bytes(b"half a chunk")
     (parts / "000000.npy").write_bytes(b"not an npy file")  # a damaged chunk is recomputed, not trusted

@@ -162,7 +162,11 @@ class _ImageSources:
         src = self.sources[i]
         if self.raw_jpeg:
             try:
-                data = bytes(src) if isinstance(src, bytes | bytearray | memoryview) else open(src, "rb").read()
+                if isinstance(src, bytes | bytearray | memoryview):
+                    data = bytes(src)
+                else:
+                    with open(src, "rb") as fh:
+                        data = fh.read()
             except (OSError, TypeError):
                 data = None  # the CPU path below names the problem
             from crossmodal.jpeg import gpu_ready_jpeg
