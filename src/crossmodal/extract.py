@@ -252,7 +252,10 @@ def extract_features(
                     "seconds": seconds[kind], "device": str(fx.device), "source": str(Path(validated_path).resolve()),
                 })
             except OSError as err:
-                raise _disk_error(err, cache_dir, f"{kind} features") from None
+                if not _is_cached(path, len(df)):
+                    raise _disk_error(err, cache_dir, f"{kind} features") from None
+                # Another run computed the same features meanwhile and removed the chunks we were reading.
+                dims[kind], seconds[kind] = int(_npy_shape(path)[1]), round(time.perf_counter() - t0, 3)
             log.info("%s features: computed (%d, %d) in %.1f s -> %s", kind, len(df), dims[kind], seconds[kind], path)
         else:
             log.info("%s features: cache hit %s", kind, path)
