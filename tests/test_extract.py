@@ -248,3 +248,20 @@ def test_bf16_features_match_fp32(table, fx):
 
     assert cos(fp32.embed_images(paths), bf16.embed_images(paths)).min() > 0.99
     assert cos(fp32.embed_texts(TEXTS), bf16.embed_texts(TEXTS)).min() > 0.99
+
+
+def test_auto_batch_sizes_and_workers(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert embed.auto_batch_size("image", "auto", cpu) == 32 and embed.auto_batch_size("image", "auto", gpu) == 256
+    assert embed.auto_batch_size("text", "auto", cpu) == 64 and embed.auto_batch_size("text", 7, gpu) == 7
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert embed.auto_num_workers("auto", cpu, 1, 32) == 0  # one request: starting workers costs more than it saves
+    assert embed.auto_num_workers("auto", cpu, 1000, 32) == 8  # half the cores: the encoder needs the rest
+    assert embed.auto_num_workers("auto", gpu, 1000, 32) == 16
+    assert embed.auto_num_workers(3, cpu, 1, 32) == 3
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert embed.auto_num_workers("auto", cpu, 1000, 32) == 1
+    with pytest.raises(ConfigError, match="encoders.image.batch_size"):
+        from crossmodal.config import from_dict
+
+        from_dict({"encoders": {"image": {"batch_size": 0}}})

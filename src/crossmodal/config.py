@@ -9,7 +9,7 @@ error that names the key, not a setting silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,13 +85,14 @@ class ValidationConfig(_Section):
 class ImageEncoderConfig(_Section):
     name: str = "efficientnet_lite0"
     image_size: int = Field(224, ge=32, le=1024)
-    batch_size: int = Field(32, ge=1)
+    # auto: 32 on a CPU, 256 on a GPU, halved whenever the GPU runs out of memory (an int is the starting size)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
 class TextEncoderConfig(_Section):
     name: str = "all-MiniLM-L6-v2"
     max_length: int = Field(128, ge=8, le=4096)
-    batch_size: int = Field(64, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # auto: 64 on a CPU, 512 on a GPU, halved on OOM
 
 
 class EncodersConfig(_Section):
@@ -99,7 +100,9 @@ class EncodersConfig(_Section):
     text: TextEncoderConfig = TextEncoderConfig()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the hardware is fast at it
-    num_workers: int = Field(0, ge=0)  # image decoding workers; 0 decodes in the main process
+    # Image decoding worker processes; 0 decodes in the main process. auto: one per CPU core on a GPU machine,
+    # half the cores on a CPU-only one (the encoder needs the rest); 0 for inputs of a batch or two.
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class StackingConfig(_Section):

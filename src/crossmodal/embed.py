@@ -7,16 +7,22 @@ Usage::
     img = fx.embed_images(["a.jpg", open("b.png", "rb").read()])   # float32 (2, fx.image_dim)
     txt = fx.embed_texts(["a red bus", "two cats"])                # float32 (2, fx.text_dim)
 
+    for feats in fx.iter_image_features(paths):          # the same, one batch at a time (the feature store)
+        ...
+
 Used by the feature store (``crossmodal.extract``) and by the served model (``crossmodal.model``), so training and
 serving embed inputs the same way. Speed on CPU comes from layout and precision more than from batching:
 channels_last makes depthwise convolutions ~2x faster and bf16 autocast another ~2x on CPUs with AVX512-BF16/AMX
-(fp32 elsewhere).
+(fp32 elsewhere). Images are decoded in DataLoader workers while the encoder runs; on CUDA, plain JPEGs are decoded
+in batches on the GPU (``crossmodal.jpeg``) from pinned memory. Texts are tokenized once per chunk and batched by
+length. Batch sizes start from the config (``auto``: by device) and halve whenever the device runs out of memory.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -99,39 +105,90 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return "fp32" if dtype is None else {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
 
 
+# --------------------------------------------------------------------------- batch sizes and workers
+AUTO_BATCH = {("image", "cpu"): 32, ("image", "gpu"): 256, ("text", "cpu"): 64, ("text", "gpu"): 512}
+
+
+def auto_batch_size(kind: str, setting: int | str, device: torch.device) -> int:
+    """The starting batch size: the configured int, or for ``auto`` a size by device kind (halved later on OOM)."""
+    if setting != "auto":
+        return int(setting)
+    return AUTO_BATCH[(kind, "gpu" if device.type in ("cuda", "mps") else "cpu")]
+
+
+def auto_num_workers(setting: int | str, device: torch.device, n_items: int, batch_size: int) -> int:
+    """Decoding workers for ``n_items`` images. ``auto``: none for a batch or two (starting workers costs more
+    than it saves, e.g. when serving one request); on a GPU machine one per core (the GPU waits on decoding);
+    on a CPU half the cores, at least one, because the encoder needs the other half."""
+    if setting != "auto":
+        return int(setting)
+    if n_items <= 2 * batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores if device.type == "cuda" else cores // 2)
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
+
+
 # --------------------------------------------------------------------------- image decoding (DataLoader)
 class _ImageSources:
-    """Map-style dataset: index -> (index, uint8 tensor or None, error or None).
+    """Map-style dataset: index -> (index, uint8 tensor or JPEG bytes tensor, error or None).
 
-    Decoding errors are returned, not raised: raised inside a DataLoader worker they come back wrapped in
-    a worker traceback; returned, the main process can name the image plainly.
+    On the CPU every image is decoded and resized here, in the DataLoader's workers, with the very
+    functions validation and serving use. With ``raw_jpeg`` (a CUDA device), plain RGB JPEGs are only read
+    and come back as 1-D byte tensors tagged ``jpeg``, for batched decoding on the GPU (crossmodal.jpeg).
+    Decoding errors are returned, not raised: raised inside a worker they come back wrapped in a worker
+    traceback; returned, the main process can name the image plainly.
     """
 
-    def __init__(self, sources: list, size: int, max_pixels: int | None, names: list[str] | None):
+    def __init__(self, sources: list, size: int, max_pixels: int | None, names: list[str] | None,
+                 raw_jpeg: bool = False):
         self.sources, self.size, self.max_pixels, self.names = sources, size, max_pixels, names
+        self.raw_jpeg = raw_jpeg
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int):
+        import torch
+
         from crossmodal.preprocess import image_to_tensor, load_image
 
         src = self.sources[i]
+        if self.raw_jpeg:
+            try:
+                if isinstance(src, bytes | bytearray | memoryview):
+                    data = bytes(src)
+                else:
+                    with open(src, "rb") as fh:
+                        data = fh.read()
+            except (OSError, TypeError):
+                data = None  # the CPU path below names the problem
+            from crossmodal.jpeg import gpu_ready_jpeg
+
+            if data is not None and gpu_ready_jpeg(data, self.max_pixels):
+                return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
         try:
-            return i, image_to_tensor(load_image(src, self.max_pixels), self.size), None
+            return i, ("pixels", image_to_tensor(load_image(src, self.max_pixels), self.size)), None
         except Exception as err:  # ImageError, or a TypeError for a source that is neither path nor bytes
-            what = self.names[i] if self.names else f"image {i}"
-            shown = f"{len(src)} bytes" if isinstance(src, bytes | bytearray) else str(src)
-            return i, None, f"{what} ({shown}): {err}"
+            return i, None, self.describe(i, err)
+
+    def describe(self, i: int, err: BaseException) -> str:
+        src = self.sources[i]
+        what = self.names[i] if self.names else f"image {i}"
+        shown = f"{len(src)} bytes" if isinstance(src, bytes | bytearray) else str(src)
+        return f"{what} ({shown}): {err}"
 
 
 def _collate(batch: list):
-    import torch
-
     idx = [b[0] for b in batch]
     errors = [b[2] for b in batch if b[2] is not None]
-    x = torch.stack([b[1] for b in batch]) if not errors else None
-    return idx, x, errors
+    return idx, [b[1] for b in batch], errors
 
 
 # --------------------------------------------------------------------------- the extractor
@@ -158,6 +215,11 @@ class FeatureExtractor:
             if enc is not None and canonical_name(enc.name) != canonical_name(want):
                 raise ValueError(f"FeatureExtractor: encoder {enc.name!r} was passed but the config names {want!r}")
         self._image, self._text = image_encoder, text_encoder
+        # Current forward batch sizes: start from the config, halve for good after an out-of-memory error.
+        self.image_batch_size = auto_batch_size("image", self.cfg.image.batch_size, self.device)
+        self.text_batch_size = auto_batch_size("text", self.cfg.text.batch_size, self.device)
+        # Batched nvJPEG decoding on CUDA (crossmodal.jpeg); CPU decoding everywhere else.
+        self.gpu_jpeg = self.device.type == "cuda"
 
     @property
     def precision(self) -> str:
@@ -188,68 +250,159 @@ class FeatureExtractor:
 
         return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
 
+    def _shrink(self, attr: str, err: BaseException) -> None:
+        """After an out-of-memory error: halve the batch size (for the rest of this extractor's life) or give up."""
+        import torch
+
+        size = getattr(self, attr)
+        if size <= 1 or not _is_oom(err):
+            raise err
+        setattr(self, attr, size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory on %s at batch size %d; continuing with %d", self.device, size, size // 2)
+
+    # ---------------------------------------------------------------- images
     def embed_images(self, sources: list, progress: bool = False, names: list[str] | None = None) -> np.ndarray:
         """Paths or encoded bytes -> float32 (N, image_dim). ``names`` label images in error messages."""
+        feats = list(self.iter_image_features(sources, progress=progress, names=names))
+        return np.concatenate(feats) if feats else np.empty((0, self.image_encoder.dim), dtype=np.float32)
+
+    def iter_image_features(self, sources: list, progress: bool = False, names: list[str] | None = None):
+        """Like :meth:`embed_images`, one float32 (batch, image_dim) array at a time, in the order of ``sources``.
+
+        Decoding runs in DataLoader workers and overlaps with the encoder; raises ImageError naming the first
+        image that cannot be decoded.
+        """
         import torch
         from torch.utils.data import DataLoader
 
         from crossmodal.preprocess import ImageError
 
-        enc = self.image_encoder
-        out = np.empty((len(sources), enc.dim), dtype=np.float32)
         if not len(sources):
-            return out
-        # Normalise on the device, in one fused op on uint8 input: (x/255 - mean)/std == (x - 255 mean)/(255 std).
-        mean = torch.tensor(enc.mean, device=self.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(enc.std, device=self.device).view(1, 3, 1, 1) * 255
+            return
+        self.image_encoder  # noqa: B018  (load it before the workers start: a load error then comes first)
+        loader_bs = self.image_batch_size
+        workers = auto_num_workers(self.cfg.num_workers, self.device, len(sources), loader_bs)
+        dataset = _ImageSources(list(sources), self.cfg.image.image_size, self.max_pixels, names, self.gpu_jpeg)
         loader = DataLoader(
-            _ImageSources(list(sources), self.cfg.image.image_size, self.max_pixels, names),
-            batch_size=self.cfg.image.batch_size,
-            num_workers=self.cfg.num_workers,
+            dataset,
+            batch_size=loader_bs,
+            num_workers=workers,
             collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda",  # page-locked host memory: the copy below can be asynchronous
+            prefetch_factor=4 if workers else None,
         )
-        fmt = torch.channels_last if enc.channels_last else torch.contiguous_format
         with _bar(len(sources), progress, "image features", "img") as bar, torch.inference_mode():
-            for idx, x, errors in loader:
+            for idx, items, errors in loader:
                 if errors:
                     more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
                     raise ImageError(f"cannot embed {errors[0]}{more}")
-                x = x.to(self.device, non_blocking=True).float().sub_(mean).div_(std).contiguous(memory_format=fmt)
-                with self._autocast():
-                    feats = enc.module(x)
-                out[idx] = feats.float().cpu().numpy()
+                yield self.forward_images(self._to_device(items, idx, dataset))
                 bar.update(len(idx))
-        return out
 
+    def forward_images(self, x) -> np.ndarray:
+        """uint8 (B, 3, S, S) images, already preprocessed (on any device) -> float32 (B, image_dim).
+
+        Normalises on the device, runs the encoder under autocast in sub-batches of ``image_batch_size``,
+        halving it on an out-of-memory error and retrying.
+        """
+        import torch
+
+        enc = self.image_encoder
+        # One fused op on uint8 input: (x/255 - mean)/std == (x - 255 mean)/(255 std).
+        mean = torch.tensor(enc.mean, device=self.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(enc.std, device=self.device).view(1, 3, 1, 1) * 255
+        fmt = torch.channels_last if enc.channels_last else torch.contiguous_format
+        out, start = [], 0
+        with torch.inference_mode():
+            while start < len(x):
+                bs = self.image_batch_size
+                try:
+                    xb = x[start : start + bs].to(self.device, non_blocking=True).float().sub_(mean).div_(std)
+                    with self._autocast():
+                        out.append(enc.module(xb.contiguous(memory_format=fmt)).float())
+                except (RuntimeError, MemoryError) as err:
+                    self._shrink("image_batch_size", err)
+                    continue
+                start += bs
+        return torch.cat(out).cpu().numpy()
+
+    def _to_device(self, items: list, idx: list[int], dataset: _ImageSources):
+        """One uint8 (B, 3, S, S) batch on the device from CPU-decoded pixels and/or JPEG bytes."""
+        import torch
+
+        from crossmodal.preprocess import ImageError
+
+        pixels = [k for k, (tag, _) in enumerate(items) if tag == "pixels"]
+        if len(pixels) == len(items):
+            return torch.stack([t for _, t in items]).to(self.device, non_blocking=True)
+        from crossmodal.jpeg import decode_resize
+
+        size = dataset.size
+        x = torch.empty((len(items), 3, size, size), dtype=torch.uint8, device=self.device)
+        if pixels:
+            x[pixels] = torch.stack([items[k][1] for k in pixels]).to(self.device, non_blocking=True)
+        jpegs = [k for k, (tag, _) in enumerate(items) if tag == "jpeg"]
+        try:
+            x[jpegs] = decode_resize([items[k][1] for k in jpegs], size, self.device)
+        except RuntimeError:  # one file the device decoder rejects fails the batch: redo them one by one
+            for k in jpegs:
+                try:
+                    x[k] = decode_resize([items[k][1]], size, self.device)[0]
+                except RuntimeError:
+                    from crossmodal.preprocess import image_to_tensor, load_image
+
+                    try:  # Pillow decides, and names the problem if there is one
+                        x[k] = image_to_tensor(load_image(items[k][1].numpy().tobytes(), dataset.max_pixels),
+                                               size).to(self.device)
+                    except ImageError as err:
+                        raise ImageError(f"cannot embed {dataset.describe(idx[k], err)}") from None
+        return x
+
+    # ---------------------------------------------------------------- texts
     def embed_texts(self, texts: list[str], progress: bool = False) -> np.ndarray:
         """Captions -> float32 (N, text_dim); texts pass through ``clean_text`` first (as in validation)."""
+        feats = list(self.iter_text_features(texts, progress=progress))
+        return np.concatenate(feats) if feats else np.empty((0, self.text_encoder.dim), dtype=np.float32)
+
+    def iter_text_features(self, texts: list[str], progress: bool = False, chunk: int = 4096):
+        """Like :meth:`embed_texts`, one float32 (n, text_dim) array per ``chunk`` texts, in input order.
+
+        Within a chunk, texts are tokenized once (the fast Rust tokenizer, in one call), sorted by length so that
+        a batch holds similar lengths and padding wastes little compute, encoded, and put back in input order.
+        """
         import torch
 
         from crossmodal.preprocess import clean_text
 
         enc = self.text_encoder
-        out = np.empty((len(texts), enc.dim), dtype=np.float32)
-        if not len(texts):
-            return out
-        # Lone surrogates (undecodable bytes kept by the manifest reader) would crash the Rust tokenizer.
-        cleaned = [clean_text(t).encode("utf-8", "replace").decode("utf-8") for t in texts]
         max_len = min(self.cfg.text.max_length, enc.max_positions)
         tok = enc.tokenizer
-        # Longest first, so similar lengths share a batch (less padding) and an out-of-memory shows at once.
-        lengths = [len(ids) for ids in tok(cleaned, truncation=True, max_length=max_len)["input_ids"]]
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        bs = self.cfg.text.batch_size
         with _bar(len(texts), progress, "text features", "text") as bar, torch.inference_mode():
-            for start in range(0, len(order), bs):
-                idx = order[start : start + bs]
-                batch = tok([cleaned[i] for i in idx], padding=True, truncation=True, max_length=max_len,
-                            return_tensors="pt").to(self.device)
-                with self._autocast():
-                    hidden = enc.model(**batch)[0]  # last_hidden_state
-                out[idx] = enc.pool(hidden, batch["attention_mask"]).cpu().numpy()
-                bar.update(len(idx))
-        return out
+            for c0 in range(0, len(texts), chunk):
+                # Lone surrogates (undecodable bytes kept by the manifest reader) would crash the Rust tokenizer.
+                cleaned = [clean_text(t).encode("utf-8", "replace").decode("utf-8") for t in texts[c0 : c0 + chunk]]
+                ids = tok(cleaned, truncation=True, max_length=max_len)["input_ids"]
+                # Longest first: an out-of-memory error shows on the first batch, not after minutes.
+                order = np.argsort(-np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), kind="stable")
+                out = np.empty((len(cleaned), enc.dim), dtype=np.float32)
+                start = 0
+                while start < len(order):
+                    bs = self.text_batch_size
+                    sel = order[start : start + bs]
+                    try:
+                        batch = tok.pad({"input_ids": [ids[i] for i in sel]}, return_tensors="pt",
+                                        return_attention_mask=True).to(self.device)
+                        with self._autocast():
+                            hidden = enc.model(**batch)[0]  # last_hidden_state
+                        out[sel] = enc.pool(hidden, batch["attention_mask"]).cpu().numpy()
+                    except (RuntimeError, MemoryError) as err:
+                        self._shrink("text_batch_size", err)
+                        continue
+                    start += bs
+                    bar.update(len(sel))
+                yield out
 
 
 def _bar(total: int, show: bool, desc: str, unit: str):

@@ -53,6 +53,7 @@ from crossmodal.config import Config, EncodersConfig
 
 MODEL_FILE = "model.json"
 HEAD_DIR = "head"
+PREDICT_CHUNK = 256  # rows decoded and embedded at a time by FusedModel.predict
 
 
 class PredictionInputError(ValueError):
@@ -184,6 +185,14 @@ class FusedModel:
         return out
 
     def predict(self, frame: pd.DataFrame | dict | list, attribution: bool = False) -> pd.DataFrame:
+        """Labels and probabilities for each row, streamed PREDICT_CHUNK rows at a time (bounded memory)."""
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        if len(frame) <= PREDICT_CHUNK:
+            return self._predict_rows(frame, attribution=attribution)
+        return pd.concat([self._predict_rows(frame.iloc[s : s + PREDICT_CHUNK], offset=s, attribution=attribution)
+                          for s in range(0, len(frame), PREDICT_CHUNK)], ignore_index=True)
+
+    def _predict_rows(self, frame: pd.DataFrame, offset: int = 0, attribution: bool = False) -> pd.DataFrame:
         from crossmodal.preprocess import clean_text
 
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
@@ -191,7 +200,7 @@ class FusedModel:
             raise PredictionInputError("input needs a 'text' column, an 'image' (path) or 'image_bytes' column, or "
                                        f"both; got columns {list(frame.columns)}")
         images, texts = [], []
-        for i, row in enumerate(frame.itertuples(index=False)):
+        for i, row in enumerate(frame.itertuples(index=False), start=offset):
             source = self._image_source(i, row)  # None: this row has no image, predicted from its text
             text = getattr(row, "text", None)
             if _is_null(text):
