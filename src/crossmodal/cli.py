@@ -29,6 +29,13 @@ ManifestOpt = Annotated[Optional[Path], typer.Option(help="Manifest (.csv, .json
 DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths must stay inside (default: the "
                                                           "manifest's folder).")]
 ColOpt = Annotated[Optional[str], typer.Option(help="Manifest column holding this field.")]
+FinetuneOpt = Annotated[Optional[bool], typer.Option(
+    "--finetune/--no-finetune", help="Train the fine-tuned cross-attention head finetune_xattn (default: "
+                                     "train.finetune.enabled in params; it also needs finetune_xattn in train.heads).")]
+
+
+def _finetune_override(finetune: bool | None) -> dict[str, Any]:
+    return {} if finetune is None else {"train.finetune.enabled": finetune}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -121,13 +128,14 @@ def extract(validated: Annotated[Path, typer.Option(help="Folder written by `val
 def train(validated: Annotated[Path, typer.Option(help="Folder written by `validate`.")] = Path("work/validated"),
           features: Annotated[Path, typer.Option(help="Folder written by `extract`.")] = Path("work/features"),
           out: Annotated[Path, typer.Option(help="Output folder.")] = Path("work/models"),
-          params: ParamsOpt = Path("params.yaml")) -> None:
-    """Train every head named in params (train.heads) on the cached features."""
+          params: ParamsOpt = Path("params.yaml"), finetune: FinetuneOpt = None) -> None:
+    """Train every head named in params (train.heads) on the cached features, then the fine-tuned head."""
     from crossmodal.train import train_all
 
-    cfg, _ = _config(params)
-    _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy", cfg.train, out)
-    typer.echo(f"trained {', '.join(cfg.train.heads)} into {out}")
+    cfg, _ = _config(params, extra=_finetune_override(finetune))
+    result = _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy",
+                    cfg.train, out, cfg.encoders, cfg.paths.cache)
+    typer.echo(f"trained {', '.join(result.heads)} into {out}")
 
 
 @app.command()
@@ -176,10 +184,11 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default mlflow.model_name); "
                                                                "use one per dataset or task.")] = None,
         experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default mlflow.experiment).")] = None,
+        finetune: FinetuneOpt = None,
         ) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = _finetune_override(finetune)
     if heads:
         extra["train.heads"] = [h.strip() for h in heads.split(",") if h.strip()]
     if model_name:
@@ -192,11 +201,12 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
 
 @app.command()
 def demo(params: ParamsOpt = Path("params.yaml"),
-         summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None) -> None:
+         summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
+         finetune: FinetuneOpt = None) -> None:
     """Generate the demo dataset (once) and run the whole pipeline on it."""
     demo_dir = Path("data/demo")
     demo_data(out=demo_dir, params=params, force=False)  # validates params.yaml; reuses existing data
-    _run_flow({"data.manifest": str(demo_dir / "manifest.csv")}, params, summary)
+    _run_flow({"data.manifest": str(demo_dir / "manifest.csv"), **_finetune_override(finetune)}, params, summary)
 
 
 @app.command()

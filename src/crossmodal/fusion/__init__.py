@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
-from crossmodal.config import HEAD_NAMES
+from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES
 from crossmodal.fusion.add import AddHead
 from crossmodal.fusion.attention import AttentionHead
 from crossmodal.fusion.common import Standardize
@@ -39,7 +39,9 @@ HEADS: dict[str, type[nn.Module]] = {
     "late": LateFusionHead,
     "attention": AttentionHead,
 }
-assert tuple(HEADS) == HEAD_NAMES, "fusion.HEADS and config.HEAD_NAMES must list the same heads"
+# Heads on frozen features; the fine-tuned ones (config.FINETUNED_HEADS) train from raw inputs (crossmodal.finetune).
+assert tuple(HEADS) == tuple(h for h in HEAD_NAMES if h not in FINETUNED_HEADS), \
+    "fusion.HEADS and config.HEAD_NAMES must list the same heads"
 
 __all__ = ["HEADS", "Standardize", "build_head", "fit_standardizers"]
 
