@@ -111,16 +111,25 @@ class ImageTower(nn.Module):
         with torch.no_grad():
             self.channels = int(self._grid(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[1])
 
-    def _grid(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.float() - self.shift) / self.scale
+    @property
+    def first_tuned(self) -> int:
+        return self.tuned[0] if self.tuned else len(self.units)
+
+    def _grid(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if start == 0:
+            x = (x.float() - self.shift) / self.scale
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for unit in self.units:
+        for unit in self.units[start:stop]:
             x = unit(x)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._grid(x)
+    def frozen_prefix(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of the frozen blocks (fixed during training, so computed once per image); None if none is."""
+        return self._grid(x, 0, self.first_tuned) if self.first_tuned > 0 else None
+
+    def forward(self, x: torch.Tensor | None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        return self._grid(x) if prefix is None else self._grid(prefix, self.first_tuned)
 
 
 def _layer_list(model: nn.Module, name: str) -> tuple[str, nn.ModuleList]:
@@ -144,8 +153,67 @@ class TextTower(nn.Module):
         self.layer_path, layers = _layer_list(self.model, encoder.name)
         self.tuned = list(range(len(layers) - min(tuned_layers, len(layers)), len(layers)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+    @property
+    def first_tuned(self) -> int:
+        layers = self.model.get_submodule(self.layer_path)
+        return self.tuned[0] if self.tuned else len(layers)
+
+    def frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Hidden states after the frozen layers (N, L, D), or None when no layer is frozen."""
+        k = self.first_tuned
+        if k == 0:
+            return None
+        layers = self.model.get_submodule(self.layer_path)
+        seen: dict[str, Any] = {}
+
+        def grab(module, args, output):
+            seen["tuple"] = isinstance(output, tuple)
+            seen["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = layers[k - 1].register_forward_hook(grab)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        self._tuple_out = seen["tuple"]
+        return seen["hidden"]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if prefix is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        # The frozen layers' output is known: they are swapped for stand-ins that hand it on, so the model's own
+        # code still builds the attention mask and runs the tuned layers (works for any layer signature).
+        layers = self.model.get_submodule(self.layer_path)
+        k = self.first_tuned
+        frozen = [layers[i] for i in range(k)]
+        tuple_out = getattr(self, "_tuple_out", False)
+        for i in range(k):
+            layers[i] = _Replay(prefix if i == 0 else None, tuple_out)
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        finally:
+            for i, layer in enumerate(frozen):
+                layers[i] = layer
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the frozen layers' output is captured: the rest of the forward pass is not needed."""
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen transformer layer: returns the cached output (first layer) or passes it on."""
+
+    def __init__(self, cached: torch.Tensor | None, tuple_out: bool):
+        super().__init__()
+        self.cached, self.tuple_out = cached, tuple_out
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.cached is None else self.cached.to(hidden_states.dtype)
+        return (out,) if self.tuple_out else out
 
 
 class CrossAttentionBlock(nn.Module):
@@ -250,10 +318,50 @@ class FinetunedXattn(nn.Module):
         self.training = mode
         return self
 
-    def forward(self, pixels, input_ids, attention_mask, image_missing, text_missing):
-        grid = self.image(pixels)
-        tokens = self.text(input_ids, attention_mask)
+    def forward(self, pixels, input_ids, attention_mask, image_missing, text_missing, image_prefix=None,
+                text_prefix=None):
+        grid = self.image(pixels, image_prefix)
+        tokens = self.text(input_ids, attention_mask, text_prefix)
         return self.head(grid, tokens, attention_mask, image_missing, text_missing)
+
+    @torch.inference_mode()
+    def cache_frozen(self, inputs: Inputs, batch_size: int, dtype: torch.dtype | None) -> Inputs:
+        """``inputs`` with the frozen layers' outputs computed once (training then runs only the tuned layers).
+
+        The text cache is checked on the first batch against a full forward pass; on a mismatch (a model whose
+        layers do not compose as expected) the text tower simply runs in full.
+        """
+        device = next(self.head.parameters()).device
+        was_training = self.training
+        self.eval()
+        image_parts, text_parts, text_ok = [], [], True
+        for idx in torch.arange(len(inputs)).split(batch_size):
+            pixels = inputs.pixels[idx].to(device)
+            ids, mask = inputs.input_ids[idx].to(device), inputs.attention_mask[idx].to(device)
+            with _autocast(device, dtype):
+                grid = self.image.frozen_prefix(pixels)
+                if grid is not None:
+                    image_parts.append(grid.float().cpu())
+                if text_ok:
+                    hidden = self.text.frozen_prefix(ids, mask)
+                    if hidden is None:
+                        text_ok = False
+                    elif not text_parts:  # first batch: the replay must reproduce the full model
+                        full, replayed = self.text(ids, mask), self.text(ids, mask, hidden)
+                        valid = mask.bool()
+                        text_ok = bool(torch.allclose(full[valid].float(), replayed[valid].float(), atol=1e-3,
+                                                      rtol=1e-3))
+                        if not text_ok:
+                            log.warning("%s: text layers do not replay exactly; running the text tower in full",
+                                        NAME)
+                    if text_ok:
+                        text_parts.append(hidden.float().cpu())
+        self.train(was_training)
+        cached = Inputs(inputs.pixels, inputs.input_ids, inputs.attention_mask, inputs.image_missing,
+                        inputs.text_missing)
+        cached.image_prefix = torch.cat(image_parts) if image_parts else None
+        cached.text_prefix = torch.cat(text_parts) if text_ok and text_parts else None
+        return cached
 
 
 def architecture(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -283,6 +391,8 @@ class Inputs:
     attention_mask: torch.Tensor  # (N, L) int64
     image_missing: torch.Tensor  # (N,) bool
     text_missing: torch.Tensor  # (N,) bool
+    image_prefix: torch.Tensor | None = None  # frozen layers' outputs, when cached (FinetunedXattn.cache_frozen)
+    text_prefix: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -290,9 +400,15 @@ class Inputs:
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         mask = self.attention_mask[idx]
         length = max(1, int(mask.sum(1).max())) if len(idx) else 1  # trim padding shared by the whole batch
-        return {"pixels": self.pixels[idx].to(device), "input_ids": self.input_ids[idx, :length].to(device),
-                "attention_mask": mask[:, :length].to(device), "image_missing": self.image_missing[idx].to(device),
-                "text_missing": self.text_missing[idx].to(device)}
+        out = {"pixels": self.pixels[idx].to(device), "input_ids": self.input_ids[idx, :length].to(device),
+               "attention_mask": mask[:, :length].to(device), "image_missing": self.image_missing[idx].to(device),
+               "text_missing": self.text_missing[idx].to(device)}
+        if self.image_prefix is not None:
+            out["image_prefix"] = self.image_prefix[idx].to(device)
+        if self.text_prefix is not None:
+            # Real tokens never attend to padding, so their states do not depend on how far a row was padded.
+            out["text_prefix"] = self.text_prefix[idx, :length].to(device)
+        return out
 
 
 def _absent(value) -> bool:
@@ -527,6 +643,7 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
     except ImageError as err:  # validation decoded it, so the file changed or vanished since
         raise FinetuneError(f"{validated_path}: {err}; re-run `crossmodal validate` to quarantine it") from None
     y = {s: torch.from_numpy(y_all[r]) for s, r in rows.items()}
+    inputs = {s: model.cache_frozen(x, ft.batch_size * 2, dtype) for s, x in inputs.items()}
     prep_seconds = time.perf_counter() - t0
 
     weight = torch.from_numpy(balanced_class_weights(y_all[train_idx], len(labels))) if cfg.class_weights else None
