@@ -103,7 +103,7 @@ class FinetuneConfig(_Section):
     enabled: bool = True  # also needs finetune_xattn in train.heads; `--no-finetune` sets this to false
     image_blocks: int = Field(2, ge=0)  # last N blocks of the image CNN that are trained (0: frozen)
     text_layers: int = Field(2, ge=0)  # last N transformer layers of the text encoder that are trained
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1)  # optimizer step every N batches (effective batch = batch_size * N)
     lr_encoder: float = Field(5e-5, gt=0)  # discriminative learning rates: small for pretrained layers ...
@@ -111,8 +111,8 @@ class FinetuneConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warm-up over this share of the steps ...
     decay: Literal["cosine", "linear"] = "cosine"  # ... then decay to zero
-    max_train_rows: int | None = Field(600, ge=1)  # budget: a stratified sample of the train split; null: all
-    image_size: int = Field(128, ge=32, le=1024)  # smaller than the frozen encoder's 224: the CPU budget
+    max_train_rows: int | None = Field(2000, ge=1)  # budget: a stratified sample of the train split; null: all
+    image_size: int = Field(96, ge=32, le=1024)  # smaller than the frozen encoder's 224: the CPU budget
     max_length: int = Field(32, ge=8, le=4096)  # text tokens
     model_dim: int = Field(128, ge=8)  # width of the cross-attention layers
     fusion_layers: int = Field(1, ge=1, le=8)  # bidirectional cross-attention layers
