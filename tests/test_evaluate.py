@@ -113,7 +113,7 @@ def trained(tmp_path_factory):
     )
     np.save(root / "image.npy", image)
     np.save(root / "text.npy", text)
-    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3)
+    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3, finetune={"enabled": False})  # features only
     train_all(root / "validated.parquet", root / "image.npy", root / "text.npy", cfg, root / "train")
     return root
 

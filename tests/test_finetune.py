@@ -232,3 +232,24 @@ def test_no_finetune_cli_option(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "finetune_xattn" not in result.output and "concat" in result.output
     assert not (tmp_path / "models" / "finetune_xattn").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_cnns_give_a_spatial_grid(name):
+    """The generic path for torchvision CNNs (random weights here: nothing is downloaded)."""
+    import torchvision
+
+    net = torchvision.models.get_model(name, weights=None).eval()
+    units = finetune.image_units(net, name)
+    x = torch.randn(1, 3, 64, 64)
+    grid = x
+    with torch.no_grad():
+        for unit in units:
+            grid = unit(grid)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, 1).flatten(1)
+        reference = torch.nn.Sequential(*list(net.children())[:-1])(x).flatten(1) if name == "resnet18" else \
+            net.avgpool(net.features(x)).flatten(1)
+    assert grid.ndim == 4 and grid.shape[2] >= 2
+    torch.testing.assert_close(pooled, reference)
+    with pytest.raises(finetune.FinetuneError, match="spatial feature map"):
+        finetune.image_units(torch.nn.Linear(3, 3), "linear")
