@@ -253,3 +253,20 @@ def test_torchvision_cnns_give_a_spatial_grid(name):
     torch.testing.assert_close(pooled, reference)
     with pytest.raises(finetune.FinetuneError, match="spatial feature map"):
         finetune.image_units(torch.nn.Linear(3, 3), "linear")
+
+
+def test_a_half_written_checkpoint_is_not_resumed(resumed_run, tmp_path):
+    """Tensors of epoch 2 next to the JSON of epoch 1 (a crash between the two writes): train from the start."""
+    import shutil
+
+    r = resumed_run
+    (ckpt,) = (r["root"] / "ckpt").iterdir()
+    copy = tmp_path / "ckpt" / ckpt.name
+    shutil.copytree(ckpt, copy)
+    meta = json.loads((copy / "checkpoint.json").read_text())
+    (copy / "checkpoint.json").write_text(json.dumps({**meta, "epoch": 1}))
+    cfg = _cfg(tmp_path)
+    seen = []
+    info = finetune.finetune_head(r["validated"], cfg.train, cfg.encoders, tmp_path / "models",
+                                  on_epoch_end=lambda e, row, m: seen.append(e))
+    assert seen == [1, 2] and info["resumed_from_epoch"] is None

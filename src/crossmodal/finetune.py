@@ -542,8 +542,8 @@ def save_checkpoint(directory: Path, model: FinetunedXattn, optimizer, scheduler
                 tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous().clone()
             else:  # AdamW's step counter: a 0-d tensor or a number
                 scalars.setdefault(str(pid), {})[key] = float(value)
-    with atomic_path(directory / "tensors.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    with atomic_path(directory / "tensors.safetensors") as tmp:  # the epoch tags the pair (tensors, json)
+        save_file(tensors, str(tmp), metadata={"epoch": str(state["epoch"])})
     meta = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
             "scheduler": scheduler.state_dict()}
     write_json(directory / "checkpoint.json", meta)
@@ -553,7 +553,13 @@ def load_checkpoint(directory: Path, model: FinetunedXattn, optimizer, scheduler
     """Restore model, optimizer and scheduler from ``directory``; returns (state json, best weights)."""
     from safetensors.torch import load_file
 
+    from safetensors import safe_open
+
     meta = json.loads((directory / "checkpoint.json").read_text())
+    with safe_open(str(directory / "tensors.safetensors"), "pt") as fh:
+        tagged = (fh.metadata() or {}).get("epoch")
+    if tagged != str(meta["epoch"]):  # interrupted between the two writes: the pair does not belong together
+        raise FinetuneError(f"{directory}: tensors of epoch {tagged} but checkpoint.json of epoch {meta['epoch']}")
     tensors = load_file(str(directory / "tensors.safetensors"))
     trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     _load_trained(model, trained, directory / "tensors.safetensors")
