@@ -96,8 +96,8 @@ class EncodersConfig(_Section):
 class FinetuneConfig(_Section):
     """The fine-tuned cross-attention head (``crossmodal.finetune``): encoders' last layers + a fusion head.
 
-    The defaults are a budget for a 2-core CPU (about 2-3 minutes on the 1,500-row demo); on a GPU raise
-    ``max_train_rows``, ``epochs`` and ``image_size``.
+    The defaults are a budget for a 2-core CPU (the demo's 1,041 train rows; 4-11 s per epoch on free cores);
+    on a GPU raise ``max_train_rows``, ``epochs`` and ``image_size``.
     """
 
     enabled: bool = True  # also needs finetune_xattn in train.heads; `--no-finetune` sets this to false
