@@ -70,10 +70,12 @@ def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir:
 
 
 @task(name="train")
-def train_task(validated_path: str, image_path: str, text_path: str, train: dict, out_dir: str) -> str:
+def train_task(validated_path: str, image_path: str, text_path: str, train: dict, out_dir: str,
+               encoders: dict | None = None, cache_dir: str | None = None) -> str:
     from crossmodal.train import train_all
 
-    train_all(validated_path, image_path, text_path, from_dict({"train": train}).train, out_dir)
+    cfg = from_dict({"train": train, "encoders": encoders or {}})
+    train_all(validated_path, image_path, text_path, cfg.train, out_dir, cfg.encoders, cache_dir)
     return out_dir
 
 
@@ -115,7 +117,8 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
         # a cached Prefect result whose feature files were deleted since: recompute and refresh the record
         features = extract_task.with_options(refresh_cache=True)(*extract_args)
     train_dir = train_task(validated["validated_path"], features["image_path"], features["text_path"],
-                           cfg_dict["train"], str(run_dir / "models"))
+                           cfg_dict["train"], str(run_dir / "models"), cfg_dict["encoders"],
+                           str(Path(cfg.paths.cache).resolve()))
     reports = str(run_dir / "reports")
     evaluate_task(train_dir, reports)
     summary = publish_task(cfg_dict, manifest, str(run_dir / "validated"), train_dir, reports,

@@ -34,7 +34,9 @@ def tiny_config(root: Path, **sections) -> Config:
     data = {
         "demo": {"rows": 120, "image_size": 48, "seed": 3, "bad_rows": True},
         "encoders": {"image": {"image_size": 64, "batch_size": 32}, "text": {"max_length": 32}},
-        "train": {"max_epochs": 25, "patience": 5, "hidden_dim": 64},
+        "train": {"max_epochs": 25, "patience": 5, "hidden_dim": 64,
+                  "finetune": {"epochs": 1, "max_train_rows": 32, "image_size": 64, "max_length": 16,
+                               "batch_size": 16, "model_dim": 32}},
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "artifacts")},
         "paths": {"work": str(root / "work"), "cache": str(root / "cache"), "reports": str(root / "reports"),
                   "summary": str(root / "reports" / "summary.json")},

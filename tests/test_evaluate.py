@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal.config import HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
+from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
 from crossmodal.evaluate import comparison_table, compute_metrics, evaluate_all
 from crossmodal.train import train_all
 
@@ -117,8 +117,9 @@ def trained(tmp_path_factory):
     )
     np.save(root / "image.npy", image)
     np.save(root / "text.npy", text)
-    deep = [h for h in HEAD_NAMES if h not in TRADITIONAL_HEADS]  # the baselines need raw images and texts
-    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3, heads=deep, stacking={"folds": 3})
+    deep = [h for h in HEAD_NAMES if h not in TRADITIONAL_HEADS + FINETUNED_HEADS]  # features only
+    cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3, heads=deep, stacking={"folds": 3},
+                      finetune={"enabled": False})
     train_all(root / "validated.parquet", root / "image.npy", root / "text.npy", cfg, root / "train")
     return root
 

@@ -46,6 +46,15 @@ def _missing_overrides(allow_missing: str | None = None, modality_dropout: float
     return out
 
 
+FinetuneOpt = Annotated[Optional[bool], typer.Option(
+    "--finetune/--no-finetune", help="Train the fine-tuned cross-attention head finetune_xattn (default: "
+                                     "train.finetune.enabled in params; it also needs finetune_xattn in train.heads).")]
+
+
+def _finetune_override(finetune: bool | None) -> dict[str, Any]:
+    return {} if finetune is None else {"train.finetune.enabled": finetune}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crossmodal.errors import user_errors
 
@@ -137,13 +146,16 @@ def extract(validated: Annotated[Path, typer.Option(help="Folder written by `val
 def train(validated: Annotated[Path, typer.Option(help="Folder written by `validate`.")] = Path("work/validated"),
           features: Annotated[Path, typer.Option(help="Folder written by `extract`.")] = Path("work/features"),
           out: Annotated[Path, typer.Option(help="Output folder.")] = Path("work/models"),
-          params: ParamsOpt = Path("params.yaml"), modality_dropout: ModalityDropoutOpt = None) -> None:
-    """Train every head named in params (train.heads) on the cached features."""
+          params: ParamsOpt = Path("params.yaml"), modality_dropout: ModalityDropoutOpt = None,
+          finetune: FinetuneOpt = None) -> None:
+    """Train every head named in params (train.heads) on the cached features, then the fine-tuned head."""
     from crossmodal.train import train_all
 
-    cfg, _ = _config(params, extra=_missing_overrides(modality_dropout=modality_dropout))
-    _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy", cfg.train, out)
-    typer.echo(f"trained {', '.join(cfg.train.heads)} into {out}")
+    cfg, _ = _config(params, extra={**_missing_overrides(modality_dropout=modality_dropout),
+                                    **_finetune_override(finetune)})
+    result = _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy",
+                    cfg.train, out, cfg.encoders, cfg.paths.cache)
+    typer.echo(f"trained {', '.join(result.heads)} into {out}")
 
 
 @app.command()
@@ -203,10 +215,11 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         stacking_meta: Annotated[Optional[str], typer.Option(help="Stacking meta-classifier: logistic or mlp "
                                                                   "(train.stacking.meta).")] = None,
         allow_missing: AllowMissingOpt = None, modality_dropout: ModalityDropoutOpt = None,
+        finetune: FinetuneOpt = None,
         ) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
-    extra: dict[str, Any] = _missing_overrides(allow_missing, modality_dropout)
+    extra: dict[str, Any] = {**_missing_overrides(allow_missing, modality_dropout), **_finetune_override(finetune)}
     for key, value in (("train.loss", loss), ("train.focal_gamma", focal_gamma),
                        ("train.aux_loss_weight", aux_loss_weight), ("train.ogm_ge.enabled", ogm_ge),
                        ("train.ogm_ge.alpha", ogm_alpha), ("train.stacking.meta", stacking_meta)):
@@ -224,11 +237,12 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
 
 @app.command()
 def demo(params: ParamsOpt = Path("params.yaml"),
-         summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None) -> None:
+         summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
+         finetune: FinetuneOpt = None) -> None:
     """Generate the demo dataset (once) and run the whole pipeline on it."""
     demo_dir = Path("data/demo")
     demo_data(out=demo_dir, params=params, force=False)  # validates params.yaml; reuses existing data
-    _run_flow({"data.manifest": str(demo_dir / "manifest.csv")}, params, summary)
+    _run_flow({"data.manifest": str(demo_dir / "manifest.csv"), **_finetune_override(finetune)}, params, summary)
 
 
 @app.command()

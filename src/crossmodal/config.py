@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 HEAD_NAMES = ("image_only", "text_only", "concat", "gated", "add", "late", "attention", "stacking",
-              "traditional_text", "traditional_image", "traditional_concat")
+              "finetune_xattn", "traditional_text", "traditional_image", "traditional_concat")
+FINETUNED_HEADS = ("finetune_xattn",)  # trained end to end from raw inputs (crossmodal.finetune), not on features
 UNIMODAL_HEADS = ("image_only", "text_only")
 # Baselines fitted with scikit-learn on handcrafted features (crossmodal.traditional): compared, never registered.
 TRADITIONAL_HEADS = ("traditional_text", "traditional_image", "traditional_concat")
@@ -140,6 +141,42 @@ class TraditionalConfig(_Section):
         return grid
 
 
+class FinetuneConfig(_Section):
+    """The fine-tuned cross-attention head (``crossmodal.finetune``): encoders' last layers + a fusion head.
+
+    The defaults are a budget for a 2-core CPU (the demo's 1,041 train rows; 4-11 s per epoch on free cores);
+    on a GPU raise ``max_train_rows``, ``epochs`` and ``image_size``.
+    """
+
+    enabled: bool = True  # also needs finetune_xattn in train.heads; `--no-finetune` sets this to false
+    image_blocks: int = Field(2, ge=0)  # last N blocks of the image CNN that are trained (0: frozen)
+    text_layers: int = Field(2, ge=0)  # last N transformer layers of the text encoder that are trained
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)  # optimizer step every N batches (effective batch = batch_size * N)
+    lr_encoder: float = Field(5e-5, gt=0)  # discriminative learning rates: small for pretrained layers ...
+    lr_head: float = Field(1e-3, gt=0)  # ... larger for the freshly initialised fusion head
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warm-up over this share of the steps ...
+    decay: Literal["cosine", "linear"] = "cosine"  # ... then decay to zero
+    max_train_rows: int | None = Field(2000, ge=1)  # budget: a stratified sample of the train split; null: all
+    image_size: int = Field(96, ge=32, le=1024)  # smaller than the frozen encoder's 224: the CPU budget
+    max_length: int = Field(32, ge=8, le=4096)  # text tokens
+    model_dim: int = Field(128, ge=8)  # width of the cross-attention layers
+    fusion_layers: int = Field(1, ge=1, le=8)  # bidirectional cross-attention layers
+    attention_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    resume: bool = True  # continue from a checkpoint of the same data and settings (a finished one is reused)
+    checkpoint_dir: str | None = None  # default: <paths.cache>/finetune (or <out>/finetune_xattn/checkpoints)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> FinetuneConfig:
+        if self.model_dim % self.attention_heads:
+            raise ValueError(f"model_dim {self.model_dim} must be a multiple of attention_heads "
+                             f"{self.attention_heads}")
+        return self
+
+
 class TrainConfig(_Section):
     heads: list[str] = Field(default_factory=lambda: list(HEAD_NAMES))
     hidden_dim: int = Field(256, ge=8)
@@ -161,6 +198,7 @@ class TrainConfig(_Section):
     # Per training row and modality, the chance that it is hidden (set to missing) for that step, so heads
     # learn to predict from one modality; never both modalities of one row. 0 turns it off.
     modality_dropout: float = Field(0.0, ge=0, lt=1)
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("heads")
     @classmethod

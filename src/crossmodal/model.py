@@ -49,7 +49,7 @@ try:  # the pyfunc wrapper needs MLflow; FusedModel itself does not
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
-from crossmodal.config import Config, EncodersConfig
+from crossmodal.config import FINETUNED_HEADS, Config, EncodersConfig
 
 MODEL_FILE = "model.json"
 HEAD_DIR = "head"
@@ -81,6 +81,8 @@ class FusedModel:
 
         directory = Path(directory)
         spec = json.loads((directory / MODEL_FILE).read_text())
+        if spec.get("head") in FINETUNED_HEADS:
+            return FinetunedFusedModel.load(directory, allowed_image_root)
         head = load_head(directory / HEAD_DIR)
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
                    spec.get("max_image_pixels"), spec.get("temperature", 1.0),
@@ -235,11 +237,106 @@ def _is_null(value: Any) -> bool:
     return isinstance(value, float) and value != value
 
 
+class FinetunedFusedModel(FusedModel):
+    """The fine-tuned cross-attention model (``crossmodal.finetune``): its own tuned encoders, raw inputs in.
+
+    Same interface as :class:`FusedModel`; images are decoded and texts tokenised by the very functions used in
+    training (``crossmodal.finetune.prepare_inputs`` over ``crossmodal.preprocess``). ``predict_proba`` accepts
+    None for an absent image or text: that row then goes through the model's learned placeholder.
+    """
+
+    def __init__(self, network, labels: list[str], encoders: EncodersConfig, head_name: str = "",
+                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
+        from crossmodal.embed import resolve_device, resolve_precision
+
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
+
+        self.device = resolve_device(encoders.device)
+        self.dtype = resolve_precision(encoders.precision, self.device)
+        self.network = network.to(self.device).eval()
+        self.head = self.network  # what FusedModel users find under .head: the module that predicts
+        self.labels, self.head_name, self.max_pixels = list(labels), head_name, max_pixels
+        self.extractor = None  # no frozen feature extractor: the network reads pixels and tokens
+
+    @classmethod
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FinetunedFusedModel:
+        from crossmodal.finetune import load_finetuned
+
+        directory = Path(directory)
+        spec = json.loads((directory / MODEL_FILE).read_text())
+        encoders = EncodersConfig.model_validate(spec["encoders"])
+        from crossmodal.embed import resolve_device
+
+        network, _ = load_finetuned(directory / HEAD_DIR, resolve_device(encoders.device))
+        return cls(network, spec["labels"], encoders, spec.get("head", ""), spec.get("max_image_pixels"),
+                   spec.get("temperature", 1.0), allowed_image_root or spec.get("allowed_image_root"))
+
+    @property
+    def has_gates(self) -> bool:
+        return False
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution (the absent modality goes through the placeholder)."""
+        proba = self.predict_proba(images, texts)
+        n = len(proba)
+        pred = proba.argmax(axis=1)
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        out = {"proba": proba, "attr_image": np.zeros(n), "attr_text": np.zeros(n)}
+        # Removing the only modality a row has leaves nothing to predict from: its attribution is the whole
+        # prediction, so only rows that keep something are re-scored.
+        for key, keep in (("attr_image", [k for k in range(n) if not _absent(texts[k])]),
+                          ("attr_text", [k for k in range(n) if not _absent(images[k])])):
+            if not keep:
+                continue
+            sub_img = [None if key == "attr_image" else images[k] for k in keep]
+            sub_txt = [None if key == "attr_text" else texts[k] for k in keep]
+            reduced = self.predict_proba(sub_img, sub_txt)
+            out[key][keep] = proba[keep, pred[keep]] - reduced[np.arange(len(keep)), pred[keep]]
+        return out
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        from crossmodal.finetune import predict_proba, prepare_inputs
+        from crossmodal.preprocess import ImageError
+
+        n = len(images) if images is not None else len(texts) if texts is not None else 0
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        if len(images) != len(texts):
+            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
+        for i, (img, txt) in enumerate(zip(images, texts)):
+            if _absent(img) and _absent(txt):
+                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
+        args = self.network.init_args
+        text = self.network.text
+        try:
+            inputs = prepare_inputs(images, texts, text.tokenizer, args["image_size"],
+                                    min(args["max_length"], text.max_positions), self.max_pixels)
+        except ImageError as err:
+            raise PredictionInputError(str(err)) from None
+        proba = predict_proba(self.network, inputs, dtype=self.dtype)
+        if self.temperature == 1.0:
+            return proba
+        from crossmodal.evaluate import apply_temperature
+
+        return apply_temperature(proba, self.temperature)
+
+
+def _absent(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or (
+        isinstance(value, bytes | bytearray) and len(value) == 0) or (isinstance(value, str) and not value.strip())
+
+
 class CrossmodalPyfunc(PythonModel):
     """MLflow wrapper: the state lives in the ``fused_model`` artifact folder, read in ``load_context``."""
 
     def load_context(self, context):
         self.model = FusedModel.load(context.artifacts["fused_model"])
+        if isinstance(self.model, FinetunedFusedModel):
+            return  # its (fine-tuned) encoders load with it
         # Load both encoders now, not on the first request (a server's first call would otherwise take seconds).
         self.model.extractor.image_encoder, self.model.extractor.text_encoder  # noqa: B018
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.config import TrainConfig
+from crossmodal.config import EncodersConfig, TrainConfig
 
 SPLITS = ("train", "val", "test")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -456,11 +456,17 @@ def load_split_features(validated_path, image_features_path, text_features_path)
     return data, labels
 
 
-def train_all(validated_path, image_features_path, text_features_path, cfg: TrainConfig, out_dir) -> TrainResult:
-    """Train every head in ``cfg.heads`` and write their weights, metadata and predictions under ``out_dir``."""
+def train_all(validated_path, image_features_path, text_features_path, cfg: TrainConfig, out_dir,
+              encoders: EncodersConfig | None = None, cache_dir=None) -> TrainResult:
+    """Train every head in ``cfg.heads`` and write their weights, metadata and predictions under ``out_dir``.
+
+    The fine-tuned head (``finetune_xattn``, when ``cfg.finetune.enabled``) trains last, from the raw images and
+    texts of ``validated_path`` with the encoders named in ``encoders`` (defaults when None); its checkpoints go
+    under ``cache_dir`` (see ``crossmodal.finetune``).
+    """
     import shutil
 
-    from crossmodal.config import HEAD_NAMES, TRADITIONAL_HEADS
+    from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS
     from crossmodal.evaluate import compute_metrics
     from crossmodal.fusion.stacking import train_stacking
 
@@ -468,17 +474,29 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
+    # Fine-tuned heads last (the slowest), and only when enabled.
+    heads = [h for h in cfg.heads if h not in FINETUNED_HEADS]
+    heads += [h for h in cfg.heads if h in FINETUNED_HEADS and cfg.finetune.enabled]
     # A head trained by an earlier run but not by this one would otherwise be evaluated as if current.
     for stale_name in HEAD_NAMES:
-        if stale_name not in cfg.heads and (out_dir / stale_name / HEAD_FILE).is_file():
+        if stale_name not in heads and (out_dir / stale_name / HEAD_FILE).is_file():
             shutil.rmtree(out_dir / stale_name)
 
     rows = {s: int(len(data.y[s])) for s in SPLITS}
-    result = TrainResult(out_dir=str(out_dir), labels=labels, heads=list(cfg.heads), rows=rows)
+    result = TrainResult(out_dir=str(out_dir), labels=labels, heads=heads, rows=rows)
     unimodal: dict = {}  # trained image_only / text_only, reused as stacking's base heads
-    for name in cfg.heads:
+    for name in heads:
         if name in TRADITIONAL_HEADS:
             continue  # scikit-learn baselines on raw inputs: trained below
+        if name in FINETUNED_HEADS:
+            from crossmodal.finetune import finetune_head
+
+            info = finetune_head(validated_path, cfg, encoders or EncodersConfig(), out_dir, cache_dir=cache_dir)
+            result.head_dirs[name] = str(out_dir / name)
+            result.val_macro_f1[name] = info["val_metrics"]["macro_f1"]
+            result.best_epoch[name], result.epochs_run[name] = info["best_epoch"], info["epochs_run"]
+            result.seconds[name] = info["train_seconds"]
+            continue
         start = time.perf_counter()
         if name == "stacking":
             head, history = train_stacking(data, cfg, len(labels), base_heads=unimodal)
