@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -76,7 +78,9 @@ def test_registered_pyfunc_returns_calibrated_probabilities(tiny_run, mlflow_sto
     temperature = 2.5  # far from 1, so calibrated and raw probabilities differ visibly
     with mlflow.start_run():
         info = log_model(tiny_run["models"], head, tiny_run["cfg"], rows, temperature)
-    served = mlflow.pyfunc.load_model(info.model_uri).predict(rows[["image", "text"]])
+    # Bytes, as a client sends them (the served model refuses file paths unless serving.allowed_image_root is set).
+    frame = pd.DataFrame({"image_bytes": [Path(p).read_bytes() for p in rows["image"]], "text": rows["text"]})
+    served = mlflow.pyfunc.load_model(info.model_uri).predict(frame)
     expected = apply_temperature(raw_proba, temperature)
     probs = served.filter(like="prob_").to_numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)

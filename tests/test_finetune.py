@@ -5,6 +5,7 @@ One interrupted-then-resumed run on the tiny demo data (2 epochs, 64 px, a few d
 """
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -188,7 +189,8 @@ def test_pyfunc_logs_and_predicts_on_raw_rows(resumed_run, mlflow_store):
     with mlflow.start_run():
         info = log_model(r["models"], "finetune_xattn", r["cfg"], test)
     served = mlflow.pyfunc.load_model(info.model_uri)
-    rows = test[["image", "text"]].head(3).reset_index(drop=True)
+    head = test.head(3).reset_index(drop=True)
+    rows = pd.DataFrame({"image_bytes": [Path(p).read_bytes() for p in head["image"]], "text": head["text"]})
     out = served.predict(rows)
     labels = json.loads((r["models"] / "labels.json").read_text())
     assert list(out.columns) == ["label"] + [f"prob_{c}" for c in labels]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,7 +98,7 @@ def test_absent_inputs_are_never_encoded(gappy_manifest, tmp_path, monkeypatch):
     res = validate_manifest(gappy_manifest, cfg, tmp_path / "v")
     df = pd.read_parquet(res.validated_path)
     seen = {"image": [], "text": []}
-    real_images, real_texts = embed.FeatureExtractor.embed_images, embed.FeatureExtractor.embed_texts
+    real_images, real_texts = embed.FeatureExtractor.iter_image_features, embed.FeatureExtractor.iter_text_features
 
     def spy_images(self, sources, *args, **kwargs):
         seen["image"] += list(sources)
@@ -106,8 +108,8 @@ def test_absent_inputs_are_never_encoded(gappy_manifest, tmp_path, monkeypatch):
         seen["text"] += list(texts)
         return real_texts(self, texts, *args, **kwargs)
 
-    monkeypatch.setattr(embed.FeatureExtractor, "embed_images", spy_images)
-    monkeypatch.setattr(embed.FeatureExtractor, "embed_texts", spy_texts)
+    monkeypatch.setattr(embed.FeatureExtractor, "iter_image_features", spy_images)
+    monkeypatch.setattr(embed.FeatureExtractor, "iter_text_features", spy_texts)
     feats = extract_features(res.validated_path, cfg.encoders, tmp_path / "cache", progress=False)
     img, txt = np.load(feats.image_path), np.load(feats.text_path)
     assert None not in seen["image"] and None not in seen["text"] and "" not in seen["text"]
@@ -302,8 +304,8 @@ def test_pyfunc_predicts_from_one_modality_and_explains_on_request(tiny_run, mlf
         info = fused.log_model(tiny_run["models"], "gated", tiny_run["cfg"], test)
     assert info.signature.params.to_dict()[0]["name"] == "attribution"
     model = mlflow.pyfunc.load_model(info.model_uri)
-    rows = pd.DataFrame({"image": [test["image"][0], None, test["image"][2]],
-                         "text": [test["text"][0], test["text"][1], None]})
+    image_bytes = [Path(test["image"][0]).read_bytes(), None, Path(test["image"][2]).read_bytes()]
+    rows = pd.DataFrame({"image_bytes": image_bytes, "text": [test["text"][0], test["text"][1], None]})
     plain = model.predict(rows)
     labels = tiny_run["metrics"]["labels"]
     assert list(plain.columns) == ["label"] + [f"prob_{c}" for c in labels]

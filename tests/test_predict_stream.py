@@ -3,6 +3,8 @@ numbers in errors."""
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -12,8 +14,8 @@ from crossmodal.model import FusedModel, PredictionInputError
 
 def test_batch_prediction_streams_in_chunks(tiny_run, tmp_path, monkeypatch):
     folder = fused.save_model_dir(tiny_run["models"], "concat", tiny_run["cfg"].encoders, tmp_path / "fused")
-    fm = FusedModel.load(folder)
     rows = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet").head(7)
+    fm = FusedModel.load(folder, allowed_image_root=os.path.commonpath(rows["image"].tolist()))
     frame = pd.DataFrame({"image": rows["image"].tolist(), "text": rows["text"].tolist()})
     whole = fm.predict(frame)
 
@@ -27,6 +29,7 @@ def test_batch_prediction_streams_in_chunks(tiny_run, tmp_path, monkeypatch):
     probs = [c for c in whole.columns if c.startswith("prob_")]
     pd.testing.assert_frame_equal(streamed[probs], whole[probs], check_exact=False, atol=2e-2)
 
-    frame.loc[5, "text"] = None
+    frame = frame.astype({"text": object})
+    frame.loc[5, "text"] = 3.5
     with pytest.raises(PredictionInputError, match="row 5: 'text' must be a string"):
         fm.predict(frame)

@@ -365,7 +365,7 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
             warnings.append(f"labels {v['spellings']} differ only by case or spaces and are {len(v['classes'])} "
                             f"separate classes {v['classes']}; set validation.normalize_labels: strip_lower to "
                             "merge them, or fix the manifest")
-    truncated = _truncation_warning(kept["text"].tolist(), cfg)
+    truncated = _truncation_warning([t for t in kept["text"].tolist() if isinstance(t, str)], cfg)
     if truncated:
         warnings.append(truncated)
     for lab in labels:
