@@ -69,7 +69,8 @@ class DemoConfig(_Section):
 class ValidationConfig(_Section):
     max_quarantine_fraction: float = Field(0.2, ge=0, le=1)
     min_text_chars: int = Field(1, ge=0)
-    max_text_chars: int = Field(5000, ge=1)
+    # A memory guard, not a content rule: longer captions are kept and cut by the tokenizer (one warning per run).
+    max_text_chars: int = Field(2_000_000, ge=1)
     max_image_bytes: int = Field(25_000_000, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)  # decompression-bomb guard
     min_rows_per_class: int = Field(2, ge=1)
