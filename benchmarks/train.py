@@ -65,14 +65,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI-friendly size (10,000 rows)")
     ap.add_argument("--rows", type=int, help=f"rows of cached features (default {TARGET_ROWS:,}, quick 10,000)")
-    ap.add_argument("--heads", help="comma-separated heads (default: all heads of params.yaml's defaults)")
+    ap.add_argument("--heads", help="comma-separated heads (default: every default head that trains on cached "
+                                    "features; the fine-tuned and traditional heads read raw images and texts)")
     args = ap.parse_args(argv)
 
     from crossmodal.config import TrainConfig
     from crossmodal.train import load_split_features, train_all
 
     rows = args.rows or (10_000 if args.quick else TARGET_ROWS)
-    cfg = TrainConfig() if not args.heads else TrainConfig(heads=args.heads.split(","))
+    from crossmodal.fusion import HEADS
+
+    heads = args.heads.split(",") if args.heads else [h for h in TrainConfig().heads if h in HEADS]
+    cfg = TrainConfig(heads=heads, finetune={"enabled": False})
     say(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="crossmodal-bench-") as tmp:
         validated, image, text = make_features(Path(tmp) / "features", rows)
