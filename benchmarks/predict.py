@@ -47,7 +47,9 @@ def registered_model(root: Path, device: str):
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     cfg = from_dict({"encoders": {"device": device}, "train": {"heads": ["concat"], "max_epochs": 5},
                      "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                                "artifact_root": str(root / "artifacts")}})
+                                "artifact_root": str(root / "artifacts")},
+                     # A batch-scoring job reads files: the model may read image paths under this folder only.
+                     "serving": {"allowed_image_root": str(root)}})
     validated, image, text = make_features(root / "features", 600)
     train_all(validated, image, text, cfg.train, root / "models")
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
