@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder
+from crossmodal.fusion.common import add_modality_inputs, base_init_args, fill_missing
 
 NUM_LAYERS = 2
 NUM_HEADS = 4
@@ -34,9 +34,7 @@ class AttentionHead(nn.Module):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         d = self.model_dim = model_dim_for(hidden_dim)
-        self.image_norm = Standardize(image_dim)
-        self.text_norm = Standardize(text_dim)
-        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
+        add_modality_inputs(self, image_dim, text_dim)
         self.image_proj = nn.Linear(image_dim, d)
         self.text_proj = nn.Linear(text_dim, d)
         self.type_embed = nn.Parameter(torch.randn(2, d) * 0.02)  # row 0: image, row 1: text

@@ -71,6 +71,14 @@ def fill_missing(x: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
     return torch.where(missing, placeholder.to(x.dtype).expand_as(x), x)
 
 
+def add_modality_inputs(head: nn.Module, image_dim: int, text_dim: int) -> None:
+    """What every head that reads both modalities has in front: per modality a Standardize layer
+    (``image_norm`` / ``text_norm``) and a learned placeholder for an absent input (``image_missing`` /
+    ``text_missing``, see :func:`fill_missing`)."""
+    head.image_norm, head.text_norm = Standardize(image_dim), Standardize(text_dim)
+    head.image_missing, head.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
+
+
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
     """One hidden layer: enough for frozen features, small enough to train in milliseconds."""
     return nn.Sequential(

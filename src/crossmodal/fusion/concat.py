@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
+from crossmodal.fusion.common import add_modality_inputs, base_init_args, fill_missing, mlp
 
 
 class ConcatHead(nn.Module):
@@ -19,9 +19,7 @@ class ConcatHead(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
-        self.image_norm = Standardize(image_dim)
-        self.text_norm = Standardize(text_dim)
-        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
+        add_modality_inputs(self, image_dim, text_dim)
         self.classifier = mlp(image_dim + text_dim, hidden_dim, num_classes, dropout)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crossmodal.fusion.common import Standardize, base_init_args, fill_missing, missing_placeholder, mlp
+from crossmodal.fusion.common import add_modality_inputs, base_init_args, fill_missing, mlp
 
 WEIGHT_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)  # steps of 0.05
 
@@ -34,9 +34,7 @@ class LateFusionHead(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, hidden_dim: int = 256, dropout: float = 0.2):
         super().__init__()
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
-        self.image_norm = Standardize(image_dim)
-        self.text_norm = Standardize(text_dim)
-        self.image_missing, self.text_missing = missing_placeholder(image_dim), missing_placeholder(text_dim)
+        add_modality_inputs(self, image_dim, text_dim)
         self.image_classifier = mlp(image_dim, hidden_dim, num_classes, dropout)
         self.text_classifier = mlp(text_dim, hidden_dim, num_classes, dropout)
         # Weight of the image classifier's probabilities; a buffer so it is saved with the weights.
