@@ -65,14 +65,25 @@ class FusedModel:
                  max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
         from crossmodal.embed import FeatureExtractor
 
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
+        self._serving_options(temperature, allowed_image_root)
         self.head = head.eval()
         self.labels = list(labels)
         self.head_name = head_name
         self.extractor = FeatureExtractor(encoders, max_pixels=max_pixels)
+
+    def _serving_options(self, temperature: float, allowed_image_root: str | None) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
+
+    def _calibrated(self, proba: np.ndarray) -> np.ndarray:
+        """The head's probabilities after its temperature (fitted on validation by the evaluation)."""
+        if self.temperature == 1.0:
+            return proba
+        from crossmodal.evaluate import apply_temperature
+
+        return apply_temperature(proba, self.temperature)
 
     @classmethod
     def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FusedModel:
@@ -157,11 +168,7 @@ class FusedModel:
         from crossmodal.train import predict_proba
 
         proba = predict_proba(self.head, img, txt)
-        if self.temperature == 1.0:
-            return proba
-        from crossmodal.evaluate import apply_temperature
-
-        return apply_temperature(proba, self.temperature)
+        return self._calibrated(proba)
 
     def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
         """Class probabilities (N, C); ``None`` for an absent image or text (or for a whole modality)."""
@@ -249,11 +256,7 @@ class FinetunedFusedModel(FusedModel):
                  max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
         from crossmodal.embed import resolve_device, resolve_precision
 
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
-
+        self._serving_options(temperature, allowed_image_root)
         self.device = resolve_device(encoders.device)
         self.dtype = resolve_precision(encoders.precision, self.device)
         self.network = network.to(self.device).eval()
@@ -318,11 +321,7 @@ class FinetunedFusedModel(FusedModel):
         except ImageError as err:
             raise PredictionInputError(str(err)) from None
         proba = predict_proba(self.network, inputs, dtype=self.dtype)
-        if self.temperature == 1.0:
-            return proba
-        from crossmodal.evaluate import apply_temperature
-
-        return apply_temperature(proba, self.temperature)
+        return self._calibrated(proba)
 
 
 def _absent(value) -> bool:
