@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from crossmodal import finetune
+from crossmodal import finetune, xattn
 from crossmodal.config import EncodersConfig
 from crossmodal.model import FinetunedFusedModel, FusedModel, PredictionInputError, log_model, save_model_dir
 from tests.conftest import tiny_config
@@ -84,9 +84,9 @@ def test_a_finished_checkpoint_is_reused_and_other_settings_are_not(resumed_run)
 def test_finetuning_changes_tuned_layers_and_only_those(resumed_run):
     trained = resumed_run["state"]
     info = resumed_run["info"]
-    pretrained = finetune.build_model(json.loads((resumed_run["models"] / "finetune_xattn" / "head.json")
+    pretrained = xattn.build_model(json.loads((resumed_run["models"] / "finetune_xattn" / "head.json")
                                                  .read_text())["init_args"]).state_dict()
-    model = finetune.build_model(info["init_args"])
+    model = xattn.build_model(info["init_args"])
     tuned_prefixes = [p for p in model.tuned_prefixes() if p != "head."]
     assert any(p.startswith("image.units.") for p in tuned_prefixes)
     assert any(p.startswith("text.model.") for p in tuned_prefixes)
@@ -122,7 +122,7 @@ def test_outputs_follow_the_head_contract(resumed_run):
 
 def test_cross_attention_reads_the_spatial_grid():
     torch.manual_seed(0)
-    head = finetune.CrossAttentionHead(image_channels=8, text_dim=6, num_classes=3, model_dim=16, heads=2).eval()
+    head = xattn.CrossAttentionHead(image_channels=8, text_dim=6, num_classes=3, model_dim=16, heads=2).eval()
     grid = torch.randn(1, 8, 3, 3)
     tokens, mask = torch.randn(1, 5, 6), torch.ones(1, 5, dtype=torch.long)
     present, absent = torch.tensor([False]), torch.tensor([True])
@@ -242,7 +242,7 @@ def test_torchvision_cnns_give_a_spatial_grid(name):
     import torchvision
 
     net = torchvision.models.get_model(name, weights=None).eval()
-    units = finetune.image_units(net, name)
+    units = xattn.image_units(net, name)
     x = torch.randn(1, 3, 64, 64)
     grid = x
     with torch.no_grad():
@@ -254,7 +254,7 @@ def test_torchvision_cnns_give_a_spatial_grid(name):
     assert grid.ndim == 4 and grid.shape[2] >= 2
     torch.testing.assert_close(pooled, reference)
     with pytest.raises(finetune.FinetuneError, match="spatial feature map"):
-        finetune.image_units(torch.nn.Linear(3, 3), "linear")
+        xattn.image_units(torch.nn.Linear(3, 3), "linear")
 
 
 def test_a_half_written_checkpoint_is_not_resumed(resumed_run, tmp_path):

@@ -245,10 +245,10 @@ def _is_null(value: Any) -> bool:
 
 
 class FinetunedFusedModel(FusedModel):
-    """The fine-tuned cross-attention model (``crossmodal.finetune``): its own tuned encoders, raw inputs in.
+    """The fine-tuned cross-attention model (``crossmodal.xattn``, trained by ``crossmodal.finetune``): its own tuned encoders, raw inputs in.
 
     Same interface as :class:`FusedModel`; images are decoded and texts tokenised by the very functions used in
-    training (``crossmodal.finetune.prepare_inputs`` over ``crossmodal.preprocess``). ``predict_proba`` accepts
+    training (``crossmodal.xattn.prepare_inputs`` over ``crossmodal.preprocess``). ``predict_proba`` accepts
     None for an absent image or text: that row then goes through the model's learned placeholder.
     """
 
@@ -266,7 +266,7 @@ class FinetunedFusedModel(FusedModel):
 
     @classmethod
     def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FinetunedFusedModel:
-        from crossmodal.finetune import load_finetuned
+        from crossmodal.xattn import load_finetuned
 
         directory = Path(directory)
         spec = json.loads((directory / MODEL_FILE).read_text())
@@ -302,7 +302,7 @@ class FinetunedFusedModel(FusedModel):
         return out
 
     def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
-        from crossmodal.finetune import predict_proba, prepare_inputs
+        from crossmodal.xattn import predict_proba, prepare_inputs
         from crossmodal.preprocess import ImageError
 
         n = len(images) if images is not None else len(texts) if texts is not None else 0
