@@ -252,7 +252,7 @@ def test_bf16_features_match_fp32(table, fx):
 
 def test_auto_batch_sizes_and_workers(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert embed.auto_batch_size("image", "auto", cpu) == 32 and embed.auto_batch_size("image", "auto", gpu) == 256
+    assert embed.auto_batch_size("image", "auto", cpu) == 8 and embed.auto_batch_size("image", "auto", gpu) == 256
     assert embed.auto_batch_size("text", "auto", cpu) == 64 and embed.auto_batch_size("text", 7, gpu) == 7
     monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert embed.auto_num_workers("auto", cpu, 1, 32) == 0  # one request: starting workers costs more than it saves

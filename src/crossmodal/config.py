@@ -87,7 +87,7 @@ class ValidationConfig(_Section):
 class ImageEncoderConfig(_Section):
     name: str = "efficientnet_lite0"
     image_size: int = Field(224, ge=32, le=1024)
-    # auto: 32 on a CPU, 256 on a GPU, halved whenever the GPU runs out of memory (an int is the starting size)
+    # auto: 8 on a CPU, 256 on a GPU, halved whenever the GPU runs out of memory (an int is the starting size)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 

@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 
 # Bump when preprocessing or pooling changes in a way that changes features: old cache entries then miss.
 FEATURE_VERSION = 1
+# How images become features (resize in crossmodal.preprocess.image_to_tensor, the encoder graph in
+# crossmodal.embed.FeatureExtractor.image_module): features from an earlier pipeline differ by rounding, so they are
+# not mixed with new ones.
+IMAGE_PIPELINE = 2
 VALIDATED_COLUMNS = ("id", "image", "text", "image_sha256")
 # Distinct inputs per chunk file: 512 x 1280 float32 = 2.6 MB, a few seconds of CPU work (the most a kill loses).
 CHUNK_ROWS = 512
@@ -140,7 +144,7 @@ def _key(kind: str, items, encoder: str, params: dict, precision: str) -> str:
 def feature_keys(df, cfg: EncodersConfig, precision: str) -> dict[str, str]:
     return {
         "image": _key("image", _items(df, "image"), canonical_name(cfg.image.name),
-                      {"image_size": cfg.image.image_size}, precision),
+                      {"image_size": cfg.image.image_size, "pipeline": IMAGE_PIPELINE}, precision),
         "text": _key("text", _items(df, "text"), canonical_name(cfg.text.name),
                      {"max_length": cfg.text.max_length}, precision),
     }

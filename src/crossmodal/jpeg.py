@@ -22,6 +22,9 @@ import io
 import warnings
 from typing import TYPE_CHECKING
 
+from crossmodal.preprocess import resize_crop as cpu_resize_crop
+from crossmodal.preprocess import resized_shape
+
 if TYPE_CHECKING:
     import torch
 
@@ -52,22 +55,20 @@ def gpu_ready_jpeg(data: bytes, max_pixels: int | None) -> bool:
         return False
 
 
-def resized_shape(w: int, h: int, size: int) -> tuple[int, int]:
-    """(new_w, new_h) of ``image_to_tensor``: the shorter side becomes ``size``, the long side is truncated."""
-    if w <= h:
-        return size, max(size, int(size * h / w))
-    return max(size, int(size * w / h)), size
-
-
 def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) of one shape -> uint8 (N, 3, size, size), as ``image_to_tensor`` does it with Pillow."""
+    """uint8 (N, 3, H, W) of one shape -> uint8 (N, 3, size, size), as ``image_to_tensor`` does it.
+
+    On the CPU that is ``preprocess.resize_crop`` itself. On a GPU, where torch has no uint8 antialiased bicubic,
+    the same filter runs in float: two passes, horizontal then vertical, rounded to uint8 in between, as Pillow
+    resamples 8-bit images (the clipping between the passes matters next to hard edges, where bicubic overshoots).
+    """
     import torch
     import torch.nn.functional as F
 
+    if x.device.type == "cpu":
+        return cpu_resize_crop(x, size)
     h, w = x.shape[-2:]
     new_w, new_h = resized_shape(w, h, size)
-    # Two passes, horizontal then vertical, rounded to uint8 in between: that is how Pillow resamples 8-bit images,
-    # and the clipping between the passes matters next to hard edges (bicubic overshoots there).
     y = x.float()
     if new_w != w:
         y = F.interpolate(y, size=(h, new_w), mode="bicubic", antialias=True, align_corners=False)

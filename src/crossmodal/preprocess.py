@@ -164,23 +164,38 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
 
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop: uint8 tensor (3, size, size)."""
+    """Resize the shorter side to ``size`` (bicubic, antialiased) and centre-crop: uint8 tensor (3, size, size)."""
     import torch
 
     if img.mode != "RGB":
         img = _to_rgb(img)
-    w, h = img.size
-    # Same arithmetic as torchvision's Resize(int): the long side is truncated, not rounded.
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, h, w), channels-last in memory
+    return resize_crop(x.unsqueeze(0), size)[0].contiguous()
+
+
+def resized_shape(w: int, h: int, size: int) -> tuple[int, int]:
+    """(new_w, new_h): the shorter side becomes ``size``, the long side is truncated (torchvision's Resize(int))."""
     if w <= h:
-        new_w, new_h = size, max(size, int(size * h / w))
-    else:
-        new_w, new_h = max(size, int(size * w / h)), size
+        return size, max(size, int(size * h / w))
+    return max(size, int(size * w / h)), size
+
+
+def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) on the CPU -> uint8 (N, 3, size, size): shorter side to ``size``, bicubic, centre crop.
+
+    torch's uint8 bicubic with antialiasing computes what Pillow's ``Image.resize(BICUBIC)`` does (separable
+    passes, Pillow's filter support and rounding; within one level on photos, two at extreme aspect ratios, on
+    under 1% of the pixels) about 4.5x faster: 0.5 ms instead of 2.2 ms for a 500x375 photo, which was a third of
+    the CPU an image cost before the encoder.
+    """
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    new_w, new_h = resized_shape(w, h, size)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return x[..., top : top + size, left : left + size]
 
 
 # Zero-width space, word joiner, BOM: invisible, yet they split tokens apart.
