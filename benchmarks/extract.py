@@ -5,7 +5,8 @@
 
 It writes N photo-like JPEGs (500 x 375, like COCO/Flickr pictures) and N captions into a temporary folder, then:
 
-* naive: Pillow decode + resize per image, fp32, batch of one, in the main process (texts: one at a time, fp32);
+* naive: Pillow decode + resize per image (torchvision transforms), fp32, batch of one, in the main process (texts:
+  one at a time, fp32);
 * pipeline: ``extract_features`` as the flow calls it (decoding workers, batching, channels-last, bf16 where
   fast, length-bucketed text batches, the chunked feature store); images/s and texts/s of the cold run;
 * peak RSS of ``extract_features`` over N and over 4N rows, each in a fresh subprocess (getrusage in the child);
@@ -105,21 +106,24 @@ def encoders_config(device: str):
 
 # --------------------------------------------------------------------------- measurements
 def naive_images(fx, paths: list[str]) -> float:
-    """Images/s of the loop a first script would run: Pillow per image, fp32, batch of one, default layout."""
+    """Images/s of the loop a first script would run: Pillow decode and resize per image (torchvision transforms on
+    the PIL image), fp32, batch of one, the network as loaded in its default layout."""
     import copy
 
     import torch
-
-    from crossmodal.preprocess import image_to_tensor, load_image
+    from PIL import Image
+    from torchvision import transforms
 
     enc = fx.image_encoder
     model = copy.deepcopy(enc.module).to(memory_format=torch.contiguous_format)  # as timm builds it: NCHW
-    mean = torch.tensor(enc.mean).view(3, 1, 1)
-    std = torch.tensor(enc.std).view(3, 1, 1)
     size = fx.cfg.image.image_size
+    tf = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(size), transforms.ToTensor(),
+                             transforms.Normalize(enc.mean, enc.std)])
 
     def one(p):
-        x = (image_to_tensor(load_image(p), size).float() / 255 - mean) / std
+        with Image.open(p) as img:
+            x = tf(img.convert("RGB"))
         with torch.inference_mode():
             return model(x.unsqueeze(0).to(fx.device)).cpu()
 
