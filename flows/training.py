@@ -91,11 +91,10 @@ def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir:
 
 
 @task(name="train")
-def train_task(validated: dict, features: dict, cfg: dict, out_dir: str, force: bool = False):
+def train_task(validated: dict, features: dict, cfg: dict, out_dir: str, cache_dir: str, force: bool = False):
     from crossmodal import stages
 
-    config = from_dict(cfg)
-    result, record = stages.cached_train(validated, features, config, out_dir, config.paths.cache, force)
+    result, record = stages.cached_train(validated, features, from_dict(cfg), out_dir, cache_dir, force)
     return _done(result, record, "trained heads")
 
 
@@ -169,15 +168,16 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     stages["extract"] = {"cached": cached, "key": [features["image_key"], features["text_key"]],
                          "seconds": seen["seconds"]}
 
-    trained, seen = _call(train_task, validated, features, cfg_dict, str(run_dir / "models"), force)
+    trained, seen = _call(train_task, validated, features, cfg_dict, str(run_dir / "models"), cache_dir, force)
     stages["train"] = _stage(trained.pop("stage"), seen)
     reports, seen = _call(evaluate_task, trained, str(run_dir / "reports"), cache_dir, force)
     stages["evaluate"] = _stage(reports.pop("stage"), seen)
     summary, seen = _call(publish_task, cfg_dict, manifest, str(run_dir / "validated"), trained["train_dir"],
                           reports["reports_dir"], str(Path(summary_path or cfg.paths.summary).resolve()),
                           f"{Path(manifest).parent.name}-{run_dir.name}", force)
-    stages["publish"] = {"cached": bool(summary.get("unchanged")), "key": (summary.get("mlflow") or {}).get("fingerprint"),
-                         "seconds": seen["seconds"], "version": (summary.get("mlflow") or {}).get("version")}
+    ml = summary.get("mlflow") or {}
+    stages["publish"] = {"cached": bool(summary.get("unchanged")), "key": ml.get("fingerprint"),
+                         "seconds": seen["seconds"], "version": ml.get("version")}
     summary["work_dir"] = str(run_dir)
     summary["stages"] = stages
     write_json(run_dir / "stages.json", stages)
