@@ -54,7 +54,10 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch):
     assert second["unchanged"] is True and second["unchanged_since_version"] == "1"
     assert second["mlflow"]["version"] == "1" and second["mlflow"]["champion_version"] == "1"
     assert second["promotion"]["promoted"] is False and "nothing registered" in second["promotion"]["reason"]
-    assert second["rows"] == summary["rows"] and second["heads"] == summary["heads"]
+    counts = ("in", "kept", "quarantined")
+    assert [second["rows"][k] for k in counts] == [summary["rows"][k] for k in counts]
+    assert second["rows"]["quarantine_file"].startswith(second["work_dir"])  # this run's folder shows it
+    assert second["heads"] == summary["heads"]
 
 
 def test_flow_stops_on_bad_data_with_clear_error(prefect_api, tmp_path):

@@ -136,6 +136,8 @@ def cached_validate(manifest: str | Path, cfg: Config, out_dir: str | Path, cach
         result = dict(entry.meta["result"])
         for name in VALIDATE_PATHS:
             result[name] = str(out_dir / result[name])
+        for warning in result.get("warnings") or []:  # as a computed validation logs them: on every run
+            logging.getLogger("crossmodal.validate").warning("%s", warning)
         return result, _record(True, key, t0, files)
     result = validate_manifest(manifest, cfg, out_dir).to_dict()
     meta = dict(result)
