@@ -5,8 +5,15 @@ or models, so results stay small, caching stays cheap and a retry reads from dis
 
 Run it:
     crossmodal run --manifest data/demo/manifest.csv          # same as: python -m flows.training
+    crossmodal run --force                                    # recompute every stage, register again
 Without ``PREFECT_API_URL`` it starts a temporary Prefect API for the run; with it, the run shows in that server's
 UI. ``crossmodal schedule --cron "0 3 * * *"`` serves it on a schedule (see flows/schedule.py).
+
+Every stage is skipped when its inputs, settings and code are unchanged (``crossmodal.stages``: content keys,
+outputs under ``<paths.cache>/stages/``, linked into the run folder; extraction keeps its Prefect cache on top of
+the feature store), and publishing registers nothing when the model is identical to a registered version. A
+skipped stage's task ends in state ``Cached``. The flow's result (and ``<run folder>/stages.json``) says per stage
+whether it was cached, its key and its seconds, under ``"stages"``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,9 @@ import logging
 import crossmodal  # noqa: F401  (sets the offline, quiet environment defaults before Prefect loads)
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
+from crossmodal.atomic import write_json
 from crossmodal.config import Config, from_dict, load_config
 from crossmodal.errors import HideUserErrorTracebacks
 
@@ -43,14 +53,21 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="validate")
-def validate_task(cfg: dict, manifest: str, out_dir: str) -> dict:
-    from crossmodal.validate import validate_manifest
+def _done(result: dict, record: dict, what: str):
+    """The task's return: a state named ``Cached`` when the stage was served from the stage cache."""
+    out = {**result, "stage": record}
+    return Completed(data=out, name="Cached", message=f"{what} from the stage cache") if record["cached"] else out
 
-    result = validate_manifest(manifest, from_dict(cfg), out_dir).to_dict()
-    get_run_logger().info("rows: %s in = %s kept + %s quarantined", result["rows_in"], result["rows_kept"],
-                          result["rows_quarantined"])
-    return result
+
+@task(name="validate")
+def validate_task(cfg: dict, manifest: str, out_dir: str, cache_dir: str | None = None, force: bool = False):
+    from crossmodal import stages
+
+    result, record = stages.cached_validate(manifest, from_dict(cfg), out_dir, cache_dir or cfg["paths"]["cache"],
+                                            force)
+    get_run_logger().info("rows: %s in = %s kept + %s quarantined%s", result["rows_in"], result["rows_kept"],
+                          result["rows_quarantined"], " (cached)" if record["cached"] else "")
+    return _done(result, record, "validated table")
 
 
 def _extract_cache_key(context, parameters: dict[str, Any]) -> str:
@@ -62,37 +79,58 @@ def _extract_cache_key(context, parameters: dict[str, Any]) -> str:
 
 @task(name="extract", cache_key_fn=_extract_cache_key, persist_result=True, retries=1, retry_delay_seconds=2,
       retry_condition_fn=_transient)
-def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir: str) -> dict:
+def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir: str, force: bool = False) -> dict:
+    cfg = from_dict({"encoders": encoders})
+    if force:
+        from crossmodal.stages import force_extract
+
+        return force_extract(validated_path, cfg, cache_dir)
     from crossmodal.extract import extract_features
 
-    cfg = from_dict({"encoders": encoders}).encoders
-    return extract_features(validated_path, cfg, cache_dir).to_dict()
+    return extract_features(validated_path, cfg.encoders, cache_dir).to_dict()
 
 
 @task(name="train")
-def train_task(validated_path: str, image_path: str, text_path: str, train: dict, out_dir: str,
-               encoders: dict | None = None, cache_dir: str | None = None) -> str:
-    from crossmodal.train import train_all
+def train_task(validated: dict, features: dict, cfg: dict, out_dir: str, cache_dir: str, force: bool = False):
+    from crossmodal import stages
 
-    cfg = from_dict({"train": train, "encoders": encoders or {}})
-    train_all(validated_path, image_path, text_path, cfg.train, out_dir, cfg.encoders, cache_dir)
-    return out_dir
+    result, record = stages.cached_train(validated, features, from_dict(cfg), out_dir, cache_dir, force)
+    return _done(result, record, "trained heads")
 
 
 @task(name="evaluate")
-def evaluate_task(train_dir: str, out_dir: str) -> str:
-    from crossmodal.evaluate import evaluate_all
+def evaluate_task(trained: dict, out_dir: str, cache_dir: str, force: bool = False):
+    from crossmodal import stages
 
-    evaluate_all(train_dir, out_dir)
-    return str(Path(out_dir) / "metrics.json")
+    result, record = stages.cached_evaluate(trained, out_dir, cache_dir, force)
+    return _done(result, record, "reports")
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def publish_task(cfg: dict, manifest: str, validated_dir: str, train_dir: str, reports_dir: str,
-                 summary_path: str, run_name: str) -> dict:
+                 summary_path: str, run_name: str, force: bool = False):
     from crossmodal.publish import publish
 
-    return publish(from_dict(cfg), manifest, validated_dir, train_dir, reports_dir, summary_path, run_name)
+    summary = publish(from_dict(cfg), manifest, validated_dir, train_dir, reports_dir, summary_path, run_name, force)
+    if summary.get("unchanged"):
+        ml = summary["mlflow"]
+        get_run_logger().info("unchanged since version %s of %s: nothing registered (champion: version %s)",
+                              ml["version"], ml["model_name"], ml["champion_version"])
+        return Completed(data=summary, name="Cached", message=f"unchanged since version {ml['version']}")
+    return summary
+
+
+def _stage(record: dict, seen: dict) -> dict:
+    """A stage's record: cached or not, its key, seconds in the flow (task included) and in the stage itself."""
+    return {**record, "stage_seconds": record["seconds"], "seconds": seen["seconds"]}
+
+
+def _call(task_, *args, **kwargs) -> tuple[Any, dict]:
+    """Run a task; returns (its result, {"cached", "seconds"} as seen from the flow, Prefect's overhead included)."""
+    t0 = time.perf_counter()
+    state = task_(*args, return_state=True, **kwargs)
+    result = state.result()  # raises the task's error
+    return result, {"cached": state.name == "Cached", "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -103,28 +141,48 @@ def _run_dir(cfg: Config) -> Path:
 
 @flow(name="crossmodal-training", log_prints=True)
 def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
-                  summary_path: str | None = None) -> dict:
-    """Validate, extract, train every head, evaluate, publish to MLflow and run the promotion gate."""
+                  summary_path: str | None = None, force: bool = False) -> dict:
+    """Validate, extract, train every head, evaluate, publish to MLflow and run the promotion gate.
+
+    Stages whose inputs are unchanged are served from the stage cache; ``force`` recomputes every stage and
+    registers the model even when an identical one is registered.
+    """
     cfg = load_config(params_path, overrides)
     cfg_dict = cfg.model_dump()
     run_dir = _run_dir(cfg).resolve()
     manifest = str(Path(cfg.data.manifest).resolve())
-    validated = validate_task(cfg_dict, manifest, str(run_dir / "validated"))
-    extract_args = (validated["validated_path"], validated["data_hash"], cfg_dict["encoders"],
-                    str(Path(cfg.paths.cache).resolve()))
-    features = extract_task(*extract_args)
+    cache_dir = str(Path(cfg.paths.cache).resolve())
+    stages: dict[str, dict] = {}
+
+    validated, seen = _call(validate_task, cfg_dict, manifest, str(run_dir / "validated"), cache_dir, force)
+    stages["validate"] = _stage(validated.pop("stage"), seen)
+
+    extract_args = (validated["validated_path"], validated["data_hash"], cfg_dict["encoders"], cache_dir)
+    extract = extract_task.with_options(refresh_cache=True) if force else extract_task
+    features, seen = _call(extract, *extract_args, force=force)
     if not all(Path(features[k]).exists() for k in ("image_path", "text_path")):
         # a cached Prefect result whose feature files were deleted since: recompute and refresh the record
-        features = extract_task.with_options(refresh_cache=True)(*extract_args)
-    train_dir = train_task(validated["validated_path"], features["image_path"], features["text_path"],
-                           cfg_dict["train"], str(run_dir / "models"), cfg_dict["encoders"],
-                           str(Path(cfg.paths.cache).resolve()))
-    reports = str(run_dir / "reports")
-    evaluate_task(train_dir, reports)
-    summary = publish_task(cfg_dict, manifest, str(run_dir / "validated"), train_dir, reports,
-                           str(Path(summary_path or cfg.paths.summary).resolve()),
-                           f"{Path(manifest).parent.name}-{run_dir.name}")
+        features, seen = _call(extract_task.with_options(refresh_cache=True), *extract_args)
+    # Cached: a Prefect cache hit, or a run that found every feature in the feature store.
+    cached = seen["cached"] or not any(features.get("computed", {}).values())
+    stages["extract"] = {"cached": cached, "key": [features["image_key"], features["text_key"]],
+                         "seconds": seen["seconds"]}
+
+    trained, seen = _call(train_task, validated, features, cfg_dict, str(run_dir / "models"), cache_dir, force)
+    stages["train"] = _stage(trained.pop("stage"), seen)
+    reports, seen = _call(evaluate_task, trained, str(run_dir / "reports"), cache_dir, force)
+    stages["evaluate"] = _stage(reports.pop("stage"), seen)
+    summary, seen = _call(publish_task, cfg_dict, manifest, str(run_dir / "validated"), trained["train_dir"],
+                          reports["reports_dir"], str(Path(summary_path or cfg.paths.summary).resolve()),
+                          f"{Path(manifest).parent.name}-{run_dir.name}", force)
+    ml = summary.get("mlflow") or {}
+    stages["publish"] = {"cached": bool(summary.get("unchanged")), "key": ml.get("fingerprint"),
+                         "seconds": seen["seconds"], "version": ml.get("version")}
     summary["work_dir"] = str(run_dir)
+    summary["stages"] = stages
+    write_json(run_dir / "stages.json", stages)
+    get_run_logger().info("stages: %s", ", ".join(f"{k} {'cached' if v['cached'] else 'computed'} "
+                                                  f"({v['seconds']:.2f} s)" for k, v in stages.items()))
     return summary
 
 

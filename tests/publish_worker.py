@@ -4,7 +4,8 @@ Usage (from a test)::
 
     python -m tests.publish_worker --job job.json [--kill-at register|aliases] [--barrier DIR --parties 2]
 
-``job.json`` holds the config (as a dict) and the folders of one finished tiny pipeline run. ``--kill-at`` sends this
+``job.json`` holds the config (as a dict), the folders of one finished tiny pipeline run and optionally
+``"force": true`` (register even an identical model, as ``crossmodal run --force``). ``--kill-at`` sends this
 process SIGKILL at that point of registration (nothing can be cleaned up: the state a power cut leaves):
 ``register`` right after the new model version is created, ``aliases`` after the gate decided but before any alias
 moved. ``--barrier`` makes every worker wait until all ``--parties`` reach the gate, so that their gates really start
@@ -74,7 +75,7 @@ def main() -> None:
     if args.barrier:
         promotion.register_and_gate = _barrier(promotion.register_and_gate, args.barrier, args.parties)
     summary = publish(from_dict(job["cfg"]), job["manifest"], job["validated_dir"], job["models"], job["reports"],
-                      run_name=job.get("run_name"))
+                      run_name=job.get("run_name"), force=bool(job.get("force")))
     args.job.with_suffix(".out.json").write_text(json.dumps(summary, default=str))
 
 

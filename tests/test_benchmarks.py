@@ -45,3 +45,12 @@ def test_predict_benchmark():
     result = run(["benchmarks/predict.py", "--quick", "--calls", "3", "--batch", "4"])
     assert set(result) == {"p50_ms", "p99_ms", "batch_pairs_per_s"}
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["batch_pairs_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_flow_benchmark():
+    result = run(["benchmarks/flow.py", "--quick", "--rows", "60"])
+    assert set(result) >= {"cold_s", "cached_s", "cached_rerun_fraction", "stages"}
+    assert set(result["stages"]) == {"validate", "extract", "train", "evaluate", "publish"}
+    assert all(s["cached"] and not s["cold_cached"] for s in result["stages"].values())
+    assert 0 < result["cached_s"] < result["cold_s"]

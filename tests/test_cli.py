@@ -78,7 +78,7 @@ def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path
     from crossmodal.config import load_config
 
     seen = {}
-    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary: seen.update(overrides))
+    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary, force=False: seen.update(overrides))
     result = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), "--loss", "focal",
                                  "--focal-gamma", "1.5", "--aux-loss-weight", "0.2", "--ogm-ge", "--ogm-alpha", "0.7",
                                  "--stacking-meta", "mlp"])
@@ -88,3 +88,19 @@ def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path
     assert train.ogm_ge.enabled and train.ogm_ge.alpha == 0.7 and train.stacking.meta == "mlp"
     bad = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), "--loss", "hinge"])
     assert bad.exit_code == 2 and "train.loss" in _err(bad) and "Traceback" not in _err(bad)
+
+
+def test_run_force_and_epochs_reach_the_flow(tmp_path, monkeypatch):
+    import crossmodal.cli as cli
+    from crossmodal.config import load_config
+
+    calls = []
+    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary, force=False: calls.append(
+        (overrides, force)))
+    for args, force in ((["--force", "--epochs", "7"], True), ([], False)):
+        result = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), *args])
+        assert result.exit_code == 0, _err(result)
+        assert calls[-1][1] is force
+    assert load_config(None, calls[0][0]).train.max_epochs == 7
+    result = runner.invoke(app, ["demo", "--help"])
+    assert "--force" in result.output

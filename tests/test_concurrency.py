@@ -28,8 +28,11 @@ def test_two_runs_at_once_gate_one_at_a_time(tiny_run, mlflow_store, tmp_path):
     assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()  # a new store: both runs create it at once
     jobs = []
     for k in range(2):
+        # Both racers publish the same model: forced, as otherwise the second would find the first's version under
+        # the lock and register nothing (tests/test_registry.py checks that); here both must go through the gate.
         job = {"cfg": cfg, "manifest": str(tiny_run["manifest"]), "validated_dir": str(tiny_run["validated_dir"]),
-               "models": str(tiny_run["models"]), "reports": str(tiny_run["reports"]), "run_name": f"racer-{k}"}
+               "models": str(tiny_run["models"]), "reports": str(tiny_run["reports"]), "run_name": f"racer-{k}",
+               "force": True}
         path = tmp_path / f"racer{k}.json"
         path.write_text(json.dumps(job, default=str))
         jobs.append(path)

@@ -40,13 +40,24 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch):
     assert summary["mlflow"]["champion_version"] == "1"
     assert _task_states(state.state_details.flow_run_id)["extract"] == "Completed"
 
-    # A second run with nothing changed: extraction is a Prefect cache hit, and the equal model is not promoted.
+    assert not any(rec["cached"] for rec in first["stages"].values()), first["stages"]
+    assert first["unchanged"] is False
+
+    # A second run with nothing changed: every stage is skipped (Prefect shows each task as Cached), and the
+    # identical model is not registered again: version 1 stays champion. (tests/test_flow_cache.py: what reruns.)
     state2 = training_flow(str(params), return_state=True)
     second = state2.result()
-    assert _task_states(state2.state_details.flow_run_id)["extract"] == "Cached"
-    assert second["mlflow"]["version"] == "2"
-    assert second["mlflow"]["champion_version"] == "1"
-    assert second["promotion"]["promoted"] is False
+    states = _task_states(state2.state_details.flow_run_id)
+    assert set(states) == {"validate", "extract", "train", "evaluate", "publish"}
+    assert set(states.values()) == {"Cached"}, states
+    assert all(rec["cached"] for rec in second["stages"].values()), second["stages"]
+    assert second["unchanged"] is True and second["unchanged_since_version"] == "1"
+    assert second["mlflow"]["version"] == "1" and second["mlflow"]["champion_version"] == "1"
+    assert second["promotion"]["promoted"] is False and "nothing registered" in second["promotion"]["reason"]
+    counts = ("in", "kept", "quarantined")
+    assert [second["rows"][k] for k in counts] == [summary["rows"][k] for k in counts]
+    assert second["rows"]["quarantine_file"].startswith(second["work_dir"])  # this run's folder shows it
+    assert second["heads"] == summary["heads"]
 
 
 def test_flow_stops_on_bad_data_with_clear_error(prefect_api, tmp_path):

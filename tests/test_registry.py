@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from crossmodal import promotion, tracking
 from crossmodal.model import FusedModel, PredictionInputError, save_model_dir
-from crossmodal.publish import publish
+from crossmodal.publish import model_fingerprint, publish, render
 
 
 def _test_rows(tiny_run):
@@ -88,9 +88,28 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
                                          "text": rows3["text"].tolist()}))
     assert len(out) == 3 and "label" in out
 
-    # Same data, same seed: an equal model does not displace the champion.
-    again = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"])
+    # The same model again: nothing is logged or registered, the summary says which version it already is.
+    runs_before = len(client.search_runs([run.info.experiment_id]))
+    same = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"],
+                   tmp_path / "summary.json")
+    assert same["unchanged"] is True and same["unchanged_since_version"] == "1"
+    assert same["mlflow"]["version"] == "1" and same["mlflow"]["champion_version"] == "1"
+    assert same["mlflow"]["run_id"] == summary["mlflow"]["run_id"]
+    assert same["promotion"]["promoted"] is False
+    assert same["promotion"]["reason"] == f"unchanged since version 1 of {cfg.mlflow.model_name}: nothing registered"
+    assert set(same) >= set(saved) and set(same["mlflow"]) >= set(saved["mlflow"])  # every key scripts read
+    assert set(same["promotion"]) == set(saved["promotion"])
+    assert json.loads((tmp_path / "summary.json").read_text())["unchanged"] is True
+    assert len(client.search_runs([run.info.experiment_id])) == runs_before
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{cfg.mlflow.model_name}'")] == ["1"]
+    assert "unchanged since version 1" in render(same)
+
+    # Forced (`crossmodal run --force`): registered again; same data, same seed: an equal model does not displace
+    # the champion.
+    again = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"],
+                    force=True)
     assert again["mlflow"]["version"] == "2" and again["mlflow"]["champion_version"] == "1"
+    assert again["unchanged"] is False
     assert again["promotion"]["promoted"] is False and "does not beat" in again["promotion"]["reason"]
     v2 = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
     assert str(v2.version) == "2"
@@ -161,3 +180,45 @@ def test_lineage_helpers(tmp_path, monkeypatch):
     assert tracking.dvc_hash("shop/manifest.csv") == "abc123.dir"
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  make:\n    outs:\n    - path: shop\n      md5: fed.dir\n")
     assert tracking.dvc_hash("shop/manifest.csv") == "fed.dir"  # a pipeline output wins
+
+
+def test_identical_model_registers_once_even_when_two_runs_race(tiny_run, mlflow_store):
+    """The unchanged check is repeated under the gate lock: a run that logged while an identical run registered
+    finds that version and registers nothing; with reuse_identical False (--force) it registers."""
+    from crossmodal.model import log_model
+
+    name, cfg = "race-test", tiny_run["cfg"].promotion
+    with mlflow.start_run():
+        uri = log_model(tiny_run["models"], "concat", tiny_run["cfg"], _test_rows(tiny_run)).model_uri
+    v1, d1 = promotion.register_and_gate(uri, name, _test_rows(tiny_run), cfg, mlflow_store, fingerprint="f" * 64,
+                                         reuse_identical=True)
+    with mlflow.start_run() as run:
+        pass
+    v, d = promotion.register_and_gate(uri, name, _test_rows(tiny_run), cfg, mlflow_store, run_id=run.info.run_id,
+                                       fingerprint="f" * 64, reuse_identical=True)
+    assert (v1, d1.unchanged) == ("1", False)
+    assert (v, d.unchanged, d.promoted, d.champion_version) == ("1", True, False, "1")
+    assert MlflowClient().get_run(run.info.run_id).data.tags[promotion.UNCHANGED_TAG] == "1"
+    assert [str(m.version) for m in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
+    v3, d3 = promotion.register_and_gate(uri, name, _test_rows(tiny_run), cfg, mlflow_store, fingerprint="f" * 64)
+    assert (v3, d3.unchanged) == ("2", False)
+    assert promotion.identical_version(name, "f" * 64) == "2" and promotion.identical_version(name, "0" * 64) is None
+
+
+def test_model_fingerprint_is_what_the_model_is_made_of(tiny_run, tmp_path):
+    import shutil
+
+    cfg, head = tiny_run["cfg"], "concat"
+    models = tmp_path / "models"
+    shutil.copytree(tiny_run["models"], models)
+    base = model_fingerprint(models, head, cfg, 1.5, "data")
+    info = json.loads((models / head / "head.json").read_text())
+    info["train_seconds"] = 123.0  # timings of a retrain: not the model
+    (models / head / "head.json").write_text(json.dumps(info))
+    (models / head / "predictions.npz").write_bytes(b"training-time output")
+    assert model_fingerprint(models, head, cfg, 1.5, "data") == base
+    assert model_fingerprint(models, head, cfg, 1.25, "data") != base  # calibration is in the model
+    assert model_fingerprint(models, head, cfg, 1.5, "other data") != base  # lineage
+    weights = models / head / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    assert model_fingerprint(models, head, cfg, 1.5, "data") != base

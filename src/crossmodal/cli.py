@@ -55,6 +55,12 @@ def _finetune_override(finetune: bool | None) -> dict[str, Any]:
     return {} if finetune is None else {"train.finetune.enabled": finetune}
 
 
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Recompute every stage even when its inputs and settings are unchanged, and register the model "
+                    "even when an identical one is registered (default: unchanged stages are served from the stage "
+                    "cache under paths.cache, an identical model is not registered again).")]
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from crossmodal.errors import user_errors
 
@@ -175,22 +181,34 @@ def register(manifest: ManifestOpt = None,
              models: Annotated[Path, typer.Option(help="Folder written by `train`.")] = Path("work/models"),
              reports: Annotated[Path, typer.Option(help="Folder written by `evaluate`.")] = Path("reports"),
              summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
-             params: ParamsOpt = Path("params.yaml")) -> None:
-    """Log the run to MLflow, register the best head, and run the champion/challenger gate."""
+             params: ParamsOpt = Path("params.yaml"),
+             force: Annotated[bool, typer.Option("--force", help="Register even when an identical model is "
+                                                                  "registered already.")] = False) -> None:
+    """Log the run to MLflow, register the best head, and run the champion/challenger gate.
+
+    Nothing is logged or registered when the registry already holds an identical model (same fingerprint)."""
     from crossmodal.publish import publish, render
 
     cfg, _ = _config(params, manifest)
-    out = _guard(publish, cfg, cfg.data.manifest, validated, models, reports, summary or cfg.paths.summary)
+    out = _guard(publish, cfg, cfg.data.manifest, validated, models, reports, summary or cfg.paths.summary,
+                 force=force)
     typer.echo(render(out, json.loads((reports / "metrics.json").read_text())))
 
 
-def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None) -> dict:
+def _stages_line(stages: dict[str, dict]) -> str:
+    return "stages: " + ", ".join(f"{name} {'cached' if rec.get('cached') else 'computed'} ({rec['seconds']:.1f} s)"
+                                  for name, rec in stages.items())
+
+
+def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None, force: bool = False) -> dict:
     from crossmodal.publish import render
     from flows.training import training_flow
 
-    result = _guard(training_flow, str(params), cfg_overrides, str(summary) if summary else None)
+    result = _guard(training_flow, str(params), cfg_overrides, str(summary) if summary else None, force)
     metrics = json.loads((Path(result["work_dir"]) / "reports" / "metrics.json").read_text())
     typer.echo("\n" + render(result, metrics))
+    if result.get("stages"):
+        typer.echo(_stages_line(result["stages"]))
     typer.echo(f"summary: {summary or 'reports/summary.json'}")
     return result
 
@@ -214,15 +232,20 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         ogm_alpha: Annotated[Optional[float], typer.Option(help="OGM-GE strength (train.ogm_ge.alpha).")] = None,
         stacking_meta: Annotated[Optional[str], typer.Option(help="Stacking meta-classifier: logistic or mlp "
                                                                   "(train.stacking.meta).")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="Most epochs per head (train.max_epochs).")] = None,
         allow_missing: AllowMissingOpt = None, modality_dropout: ModalityDropoutOpt = None,
-        finetune: FinetuneOpt = None,
+        finetune: FinetuneOpt = None, force: ForceOpt = False,
         ) -> None:
-    """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate."""
+    """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate.
+
+    Stages whose inputs, settings and code are unchanged are skipped (served from paths.cache), and an unchanged
+    model is not registered again; --force recomputes everything."""
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
     extra: dict[str, Any] = {**_missing_overrides(allow_missing, modality_dropout), **_finetune_override(finetune)}
     for key, value in (("train.loss", loss), ("train.focal_gamma", focal_gamma),
                        ("train.aux_loss_weight", aux_loss_weight), ("train.ogm_ge.enabled", ogm_ge),
-                       ("train.ogm_ge.alpha", ogm_alpha), ("train.stacking.meta", stacking_meta)):
+                       ("train.ogm_ge.alpha", ogm_alpha), ("train.stacking.meta", stacking_meta),
+                       ("train.max_epochs", epochs)):
         if value is not None:
             extra[key] = value
     if heads:
@@ -232,17 +255,18 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
     if experiment:
         extra["mlflow.experiment"] = experiment
     _, overrides = _config(params, manifest, data_root, cols, extra)  # validated here, before Prefect starts
-    _run_flow(overrides, params, summary)
+    _run_flow(overrides, params, summary, force)
 
 
 @app.command()
 def demo(params: ParamsOpt = Path("params.yaml"),
          summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
-         finetune: FinetuneOpt = None) -> None:
-    """Generate the demo dataset (once) and run the whole pipeline on it."""
+         finetune: FinetuneOpt = None, force: ForceOpt = False) -> None:
+    """Generate the demo dataset (once) and run the whole pipeline on it (unchanged stages are skipped)."""
     demo_dir = Path("data/demo")
     demo_data(out=demo_dir, params=params, force=False)  # validates params.yaml; reuses existing data
-    _run_flow({"data.manifest": str(demo_dir / "manifest.csv"), **_finetune_override(finetune)}, params, summary)
+    _run_flow({"data.manifest": str(demo_dir / "manifest.csv"), **_finetune_override(finetune)}, params, summary,
+              force)
 
 
 @app.command()

@@ -16,6 +16,11 @@ outcome), and it orders its writes so that a run killed at any point leaves no h
 2. the gate scores it (reads only) and writes its decision as version tags, then ``crossmodal.state=decided``;
 3. ``challenger`` moves to it, then ``champion`` if it won; last, ``crossmodal.state=complete``.
 
+Each version carries the registered model's fingerprint (tag ``crossmodal.fingerprint``, see
+``crossmodal.publish.model_fingerprint``). A run whose model is identical to a complete version registers nothing:
+``crossmodal.publish`` looks before logging anything, and :func:`register_and_gate` looks again under the lock, after
+:func:`recover`, so two identical runs finishing together register one version, not two.
+
 A run killed before 2 leaves a pending version that nothing points to: the next gate (under the same lock, so no
 other run can be mid-registration) deletes it and marks its MLflow run FAILED. A run killed after 2 has a decision
 that stands: the next gate finishes its alias moves. So aliases only ever point at decided versions, and
@@ -46,6 +51,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "crossmodal.champion_history"
 STATE_TAG = "crossmodal.state"  # pending -> decided -> complete (see the module docstring)
 PROMOTED_TAG = "crossmodal.gate.promoted"
+FINGERPRINT_TAG = "crossmodal.fingerprint"  # what the registered model is made of (crossmodal.publish)
+UNCHANGED_TAG = "crossmodal.unchanged_since_version"  # on a run whose model was already registered
 
 
 class PromotionError(RuntimeError):
@@ -62,6 +69,7 @@ class GateDecision:
     champion_version: str | None  # champion before the decision
     champion_score: float | None
     delta: float | None
+    unchanged: bool = False  # the model was already registered as challenger_version: nothing registered or gated
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +88,38 @@ def current_champion(model_name: str) -> str | None:
         return str(_client().get_model_version_by_alias(model_name, CHAMPION).version)
     except MlflowException:
         return None
+
+
+def identical_version(model_name: str, fingerprint: str) -> str | None:
+    """The latest complete version of ``model_name`` whose fingerprint tag is ``fingerprint``, or None.
+
+    Only complete versions count: a pending one is deleted and a decided one finished by the next gate's
+    :func:`recover`, which then finds it here.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = _client().search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    same = [int(mv.version) for mv in versions
+            if (mv.tags or {}).get(FINGERPRINT_TAG) == fingerprint and (mv.tags or {}).get(STATE_TAG) == "complete"]
+    return str(max(same)) if same else None
+
+
+def unchanged_decision(model_name: str, version: str, metric: str) -> GateDecision:
+    """What a run whose model is already registered as ``version`` reports: no gate, the champion stays."""
+    score = None
+    try:
+        mv = _client().get_model_version(model_name, version)
+        run_id = (mv.tags or {}).get("crossmodal.run_id") or mv.run_id
+        if run_id:
+            tag = _client().get_run(run_id).data.tags.get("crossmodal.gate.challenger_score")
+            score = float(tag) if tag else None
+    except Exception:  # the score is informative only
+        pass
+    return GateDecision(False, f"unchanged since version {version} of {model_name}: nothing registered",
+                        metric, version, score, current_champion(model_name), None, None, unchanged=True)
 
 
 def register(model_uri: str, model_name: str, run_id: str | None = None) -> str:
@@ -234,10 +274,13 @@ def _move_aliases(model_name: str, version: str, promoted: bool) -> None:
 
 
 def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, cfg: PromotionConfig,
-                      tracking_uri: str, run_id: str | None = None) -> tuple[str, GateDecision]:
+                      tracking_uri: str, run_id: str | None = None, fingerprint: str | None = None,
+                      reuse_identical: bool = False) -> tuple[str, GateDecision]:
     """Register ``model_uri`` and run the gate, one run at a time; returns (version, decision).
 
-    See the module docstring for the lock and the order of writes.
+    With ``reuse_identical`` and a complete version of the same ``fingerprint`` already there, nothing is
+    registered and the decision says ``unchanged`` (that version's number is returned). See the module docstring
+    for the lock and the order of writes.
     """
     import mlflow
 
@@ -248,8 +291,15 @@ def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, 
             import logging
 
             logging.getLogger(__name__).warning("%s: %s", model_name, note)
-        mv = mlflow.register_model(model_uri, model_name,
-                                   tags={"crossmodal.run_id": run_id or "", STATE_TAG: "pending"})
+        same = identical_version(model_name, fingerprint) if fingerprint and reuse_identical else None
+        if same is not None:  # an identical run registered it while this one was logging
+            if run_id:
+                client.set_tag(run_id, UNCHANGED_TAG, same)
+            return same, unchanged_decision(model_name, same, cfg.metric)
+        tags = {"crossmodal.run_id": run_id or "", STATE_TAG: "pending"}
+        if fingerprint:
+            tags[FINGERPRINT_TAG] = fingerprint
+        mv = mlflow.register_model(model_uri, model_name, tags=tags)
         version = str(mv.version)
         try:
             decision = gate(model_name, version, test_rows, cfg, run_id=run_id, move_aliases=False)

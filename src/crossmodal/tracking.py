@@ -49,20 +49,30 @@ def configure(cfg: MlflowConfig) -> str:
     return uri
 
 
-def ensure_experiment(cfg: MlflowConfig) -> str:
-    """Return the experiment id, creating it with artifacts under ``cfg.artifact_root`` for a local store."""
+def ensure_store(cfg: MlflowConfig) -> str:
+    """Point MLflow at the store and make sure it exists; returns its URI.
+
+    The first client of a new SQLite store creates its tables, and MLflow's migrations do not expect a second
+    process doing the same at the same moment: two runs started together would fail. One at a time here.
+    """
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(cfg)
+    uri = configure(cfg)
     if uri.startswith("sqlite:///"):
-        # The first client of a new SQLite store creates its tables, and MLflow's migrations do not expect a second
-        # process doing the same at the same moment: two runs started together would fail. One at a time here.
         from filelock import FileLock
 
         from crossmodal.promotion import lock_path
 
         with FileLock(str(lock_path(uri).with_suffix(".init.lock"))):
             MlflowClient().search_experiments(max_results=1)
+    return uri
+
+
+def ensure_experiment(cfg: MlflowConfig) -> str:
+    """Return the experiment id, creating it with artifacts under ``cfg.artifact_root`` for a local store."""
+    from mlflow.tracking import MlflowClient
+
+    ensure_store(cfg)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -258,11 +268,13 @@ def _log_head_run(client, experiment_id: str, parent_id: str, head: str, head_di
 
 def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
                  reports_dir: str | Path, metrics: dict[str, Any], validation: dict[str, Any], frame,
-                 run_name: str | None = None) -> dict[str, Any]:
+                 run_name: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """Record a finished pipeline run in MLflow and log the best head as a pyfunc model.
 
     ``metrics`` (reports_dir/metrics.json), ``validation`` (validated_dir/validation.json) and ``frame``
-    (validated_dir/validated.parquet) are passed in already read: the caller needs them too.
+    (validated_dir/validated.parquet) are passed in already read: the caller needs them too. ``fingerprint`` (of
+    the model to register, see ``crossmodal.publish.model_fingerprint``) is recorded as tag
+    ``crossmodal.fingerprint``.
 
     Returns ``{"tracking_uri", "experiment_id", "run_id", "model_uri", "best_head", "head_runs"}``; the parent
     run stays open (status RUNNING) until :func:`finish_run`, so the registry step can tag it.
@@ -283,6 +295,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if fingerprint:
+        tags["crossmodal.fingerprint"] = fingerprint
     md5 = dvc_hash(manifest_path)
     if md5:
         tags["crossmodal.data_dvc_md5"] = md5
