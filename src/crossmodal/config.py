@@ -199,6 +199,10 @@ class TrainConfig(_Section):
     # Per training row and modality, the chance that it is hidden (set to missing) for that step, so heads
     # learn to predict from one modality; never both modalities of one row. 0 turns it off.
     modality_dropout: float = Field(0.0, ge=0, lt=1)
+    # Processes that train the frozen-feature heads at once (this one included), one torch thread each; the
+    # results are the same whatever the number. auto: one per CPU core from 1,000 training rows (memory
+    # permitting), else 1. See crossmodal.train_pool.
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("heads")
