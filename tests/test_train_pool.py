@@ -94,13 +94,13 @@ def test_a_worker_that_dies_gives_a_train_error_naming_the_task():
 def test_plan_workers(monkeypatch):
     monkeypatch.setattr(train_pool, "usable_cores", lambda: 4)
     monkeypatch.setattr(train_pool, "available_memory", lambda: 8 * 2**30)
-    many = train_pool.PARALLEL_MIN_ROWS
-    assert plan_workers("auto", many - 1, 10, 2**20) == 1  # small data: one process
-    assert plan_workers("auto", many, 10, 2**20) == 4  # one per core
-    assert plan_workers("auto", many, 3, 2**20) == 3  # never more than the tasks
-    assert plan_workers("auto", many, 10, 3 * 2**30) == 2  # 1 + 4 GiB // 3 GiB copies of the features
-    assert plan_workers(3, 10, 10, 2**20) == 3 and plan_workers(8, 10, 2, 2**20) == 2  # as set, up to the tasks
-    assert plan_workers(4, many, 1, 2**20) == 1
+    enough = train_pool.PARALLEL_MIN_SECONDS
+    assert plan_workers("auto", enough / 2, 10, 2**20) == 1  # little work: one process
+    assert plan_workers("auto", enough, 10, 2**20) == 4  # one per core
+    assert plan_workers("auto", enough, 3, 2**20) == 3  # never more than the tasks
+    assert plan_workers("auto", enough, 10, 3 * 2**30) == 2  # 1 + 4 GiB // 3 GiB copies of the features
+    assert plan_workers(3, 0.0, 10, 2**20) == 3 and plan_workers(8, 0.0, 2, 2**20) == 2  # as set, up to the tasks
+    assert plan_workers(4, enough, 1, 2**20) == 1
 
 
 # ---------------------------------------------------------------- train_all on two processes

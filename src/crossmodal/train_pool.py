@@ -34,10 +34,12 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
-# From this many training rows, "auto" trains on every core: measured on the demo (1,041 training rows, 2-core
-# CPU), the frozen-feature heads took 10.9 s in one process and 7.1 s with a worker; on a few hundred rows
-# every head takes well under a second and a worker would only cost its start.
-PARALLEL_MIN_ROWS = 1_000
+# "auto" adds workers when the tasks should take at least this long in one process (a lower bound, from the
+# caller's estimate): about what a worker needs here to start, import torch and read the features. Measured on a
+# 2-core CPU with nothing else running: the demo's 8 frozen-feature heads (1,041 training rows, estimated 3.8 s)
+# took 12.7-15.3 s in one process and 9.0-9.5 s with a worker; two heads on 1,050 rows (estimated 0.4 s) took
+# 3.0 s in one process and 5.1 s with a worker.
+PARALLEL_MIN_SECONDS = 2.0
 # Each worker holds its own copy of the features; "auto" keeps all copies within this share of the free memory.
 MEMORY_SHARE = 0.5
 
@@ -70,15 +72,15 @@ def available_memory() -> int | None:
     return None
 
 
-def plan_workers(setting: int | str, n_train: int, n_tasks: int, data_bytes: int) -> int:
+def plan_workers(setting: int | str, work_seconds: float, n_tasks: int, data_bytes: int) -> int:
     """How many processes train at once (the calling one included): ``train.workers``, or for "auto" one per
-    usable core when the training split has PARALLEL_MIN_ROWS rows or more, within MEMORY_SHARE of the free
-    memory; never more than there are tasks (and 1 on Windows)."""
+    usable core when the work is expected to take PARALLEL_MIN_SECONDS or more in one process, within
+    MEMORY_SHARE of the free memory; never more than there are tasks (and 1 on Windows)."""
     if n_tasks <= 1 or os.name == "nt":
         return 1
     if setting != "auto":
         return max(1, min(int(setting), n_tasks))
-    if n_train < PARALLEL_MIN_ROWS:
+    if work_seconds < PARALLEL_MIN_SECONDS:
         return 1
     lanes = min(usable_cores(), n_tasks)
     free = available_memory()
@@ -119,6 +121,9 @@ def run_tasks(tasks: Sequence[Hashable], run: Callable, data, context, lanes: in
             except WorkerDied as err:
                 fail(task, _worker_died(task, err))
                 return
+            except BaseException as err:  # noqa: BLE001 - e.g. a task that cannot be pickled: raised by the caller
+                fail(task, err)
+                return
             if status == "ok":
                 results[task] = payload
             else:
@@ -128,13 +133,15 @@ def run_tasks(tasks: Sequence[Hashable], run: Callable, data, context, lanes: in
     threads = [threading.Thread(target=remote_lane, args=(w,), name=f"crossmodal-train-lane-{i + 1}", daemon=True)
                for i, w in enumerate(workers)]
     try:
+        task = next_task()  # the costliest task is this process's: a worker needs a moment to start
         for thread in threads:
             thread.start()
-        while (task := next_task()) is not None:
+        while task is not None:
             try:
                 results[task] = run(task, data, context)
             except Exception as err:
                 fail(task, err)
+            task = next_task()
         for thread in threads:
             thread.join()
     finally:  # normally the workers are idle here; after a KeyboardInterrupt they are stopped at once
@@ -232,37 +239,46 @@ class Worker:
 
 def _worker_main(fd: int) -> None:
     """A worker process's loop (see Worker): answer each task until told to stop or the caller is gone."""
+    import signal
     import sys
     from multiprocessing.connection import Connection
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the caller, which stops the workers itself
     conn = Connection(fd)
     sys.path[:] = pickle.loads(conn.recv_bytes())
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
-        except EOFError:  # the caller is gone
+            message = conn.recv_bytes()
+        except (EOFError, OSError):  # the caller is gone
             return
-        if message is None:
+        reply = _answer(message)
+        if reply is None:
             return
-        reply = _run_in_worker(*message)
         try:
-            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as err:  # noqa: BLE001 - a result that cannot be pickled is a bug: say so there
-            data = pickle.dumps(("error", RuntimeError(f"the result of {message[3]!r} cannot be sent back: {err}"),
-                                 None), protocol=pickle.HIGHEST_PROTOCOL)
-        conn.send_bytes(data)
+            conn.send_bytes(reply)
+        except OSError:  # the caller is gone
+            return
 
 
-def _run_in_worker(run: Callable, load: tuple[Callable, tuple], context, task):
-    """One task in a worker: ("ok", result, None) or ("error", exception, traceback text), never a raise."""
+def _answer(message: bytes) -> bytes | None:
+    """The pickled reply to one pickled message; None for the message that says stop."""
     try:
+        message = pickle.loads(message)  # imports the task's function: may fail like the task itself
+        if message is None:
+            return None
+        run, load, context, task = message
         key = pickle.dumps(load)
         if key not in _WORKER_CACHE:
             _WORKER_CACHE.clear()  # one data set per worker at a time
             _WORKER_CACHE[key] = load[0](*load[1])
-        return "ok", run(task, _WORKER_CACHE[key], context), None
+        reply = ("ok", run(task, _WORKER_CACHE[key], context), None)
     except BaseException as err:  # noqa: BLE001 - everything goes back to the caller, which raises it
-        return "error", _portable(err), "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        reply = ("error", _portable(err), "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    try:
+        return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # noqa: BLE001 - a result that cannot be pickled is a bug: say so there
+        return pickle.dumps(("error", RuntimeError(f"the result of a task cannot be sent back: {err}"), None),
+                            protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _portable(err: BaseException) -> BaseException:
