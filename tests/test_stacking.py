@@ -10,7 +10,12 @@ import torch
 
 from crossmodal import train as T
 from crossmodal.config import TrainConfig
-from crossmodal.fusion.stacking import fold_assignment, out_of_fold_probabilities, train_stacking
+from crossmodal.fusion.stacking import (
+    fold_assignment,
+    folds_to_predict,
+    out_of_fold_probabilities,
+    train_stacking,
+)
 from crossmodal.train import SplitFeatures, load_head, predict_proba, train_all
 
 FAST = dict(hidden_dim=16, dropout=0.1, lr=1e-2, batch_size=64, max_epochs=8, patience=4)
@@ -75,6 +80,39 @@ def test_out_of_fold_probabilities_never_come_from_a_head_that_saw_the_row(task,
     assert oof.shape == (len(train_ids), 6)
     np.testing.assert_allclose(oof[:, :3].sum(1), 1, atol=1e-5)
     np.testing.assert_allclose(oof[:, 3:].sum(1), 1, atol=1e-5)
+
+
+def test_folds_to_predict_covers_oof_rows_with_whole_folds():
+    assert folds_to_predict(8192, 5, 8192) == 5  # up to oof_rows train rows: every fold
+    assert folds_to_predict(35_007, 5, 8192) == 2  # the benchmark's train split: 2 folds of 7,000 rows
+    assert folds_to_predict(12_000, 5, 8192) == 4
+    assert folds_to_predict(10**7, 5, 8192) == 1
+    assert folds_to_predict(10**7, 5, None) == 5  # null: every fold
+
+
+def test_a_large_train_split_predicts_fewer_folds_with_the_same_fold_models(task, monkeypatch):
+    calls = []
+    real = T.train_head
+
+    def spy(name, data, cfg, num_classes):
+        calls.append((name, set(data.ids["train"]), list(data.ids["test"])))
+        return real(name, data, cfg, num_classes)
+
+    monkeypatch.setattr(T, "train_head", spy)
+    cfg = TrainConfig(**FAST, stacking={"folds": 3, "oof_rows": 100})  # ~270 train rows: 2 folds hold 100 rows
+    oof, folds = out_of_fold_probabilities(task, cfg, 3)
+    train_ids = np.asarray(task.ids["train"])
+    assert len(calls) == 2 * 2  # two unimodal heads for each of the 2 folds predicted
+    for k in range(2):
+        for _, seen, held_out in calls[2 * k : 2 * k + 2]:
+            assert sorted(held_out) == sorted(train_ids[folds == k])
+            assert seen == set(train_ids[folds != k])  # the model the full K-fold trains: every other fold
+    predicted = folds < 2
+    assert np.isfinite(oof[predicted]).all() and np.isnan(oof[~predicted]).all()
+
+    calls.clear()
+    _, history = train_stacking(task, cfg, 3)  # the meta-classifier learns from the predicted rows only
+    assert history[0]["oof_rows"] == int(predicted.sum())
 
 
 @pytest.mark.parametrize("meta", ["logistic", "mlp"])

@@ -113,6 +113,9 @@ class StackingConfig(_Section):
     meta: Literal["logistic", "mlp"] = "logistic"
     folds: int = Field(5, ge=2, le=20)  # K of the K-fold on the train split that makes the out-of-fold probabilities
     mlp_hidden: int = Field(16, ge=2)  # hidden units when meta is "mlp"
+    # On a larger train split, only the fewest whole folds holding this many rows are predicted (their fold models
+    # are the ones the full K-fold trains; fusion/stacking.py); null: every fold, whatever the size.
+    oof_rows: Annotated[int, Field(ge=1)] | None = 8192
 
 
 class OgmGeConfig(_Section):
@@ -199,6 +202,11 @@ class TrainConfig(_Section):
     # Per training row and modality, the chance that it is hidden (set to missing) for that step, so heads
     # learn to predict from one modality; never both modalities of one row. 0 turns it off.
     modality_dropout: float = Field(0.0, ge=0, lt=1)
+    # Processes that train the frozen-feature heads at once (this one included), one torch thread each; the
+    # results are the same whatever the number. auto: one per CPU core (memory permitting) when the heads should
+    # take more than a worker needs to start (about 2 s on 2 cores: the demo's 1,000 training rows do), else 1.
+    # See crossmodal.train_pool.
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("heads")

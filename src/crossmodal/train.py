@@ -27,13 +27,16 @@ predict from one modality when the other is absent (unimodal and late-fusion hea
 without it). Features are
 small, so everything runs on the CPU in full precision; with one seed a run is
 reproducible to the bit on the same machine.
+
+The frozen-feature heads are independent of each other (stacking's folds too): ``train_all`` trains them on
+``train.workers`` processes at once, one torch thread each (crossmodal.train_heads, crossmodal.train_pool), and
+writes the same files, to the bit, as with one process.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +54,10 @@ LABELS_FILE = "labels.json"
 TRAIN_THREADS = 1  # see torch_threads()
 # A training set larger than this is trained in "epochs" of this many rows (see BatchStream), with batches scaled up.
 EPOCH_ROWS = 8_192
+# Validation runs the head over the val rows in blocks of this many: the logits are the same to the bit as in one
+# block (every row is computed on its own), and blocks that stay in the CPU cache took 30-40% less time per
+# validation on 7,500 rows (2-core CPU).
+VAL_BATCH = 1_024
 
 
 class TrainError(ValueError):
@@ -65,6 +72,9 @@ class SplitFeatures:
     text: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     ids: dict[str, np.ndarray] = field(default_factory=dict)
+    # Standardize statistics of the train features per modality, computed once for every head trained on this
+    # data (fusion.fit_standardizers); the arrays are not to be changed in place once wrapped here.
+    statistics: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_arrays(cls, image, text, y, split, ids=None) -> SplitFeatures:
@@ -111,6 +121,7 @@ class TrainResult:
     best_epoch: dict[str, int] = field(default_factory=dict)
     epochs_run: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    workers: int = 1  # processes that trained the frozen-feature heads at once (train.workers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,7 +304,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
 
     torch.manual_seed(cfg.seed)  # per head: a head's result does not depend on which heads ran before it
     head = build_head(name, data.image_dim, data.text_dim, num_classes, cfg)
-    fit_standardizers(head, data.image["train"], data.text["train"])
+    fit_standardizers(head, data.image["train"], data.text["train"], statistics=data.statistics)
 
     def tensor(a, dtype=torch.float32):
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
@@ -334,7 +345,8 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
 
         head.eval()
         with torch.no_grad():
-            val_logits = head(vi, vt)
+            val_logits = torch.cat([head(vi[i : i + VAL_BATCH], vt[i : i + VAL_BATCH])
+                                    for i in range(0, len(vy), VAL_BATCH)])
             val_loss = float(criterion(val_logits, vy))
         val_f1 = macro_f1(data.y["val"], val_logits.argmax(1).numpy())
         history.append(
@@ -425,7 +437,7 @@ def load_split_features(validated_path, image_features_path, text_features_path)
         path = Path(path)
         if not path.is_file():
             raise TrainError(f"{kind} features {path} not found; run `crossmodal extract` first")
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)  # the splits below are copies: no second copy
         if arr.ndim != 2 or len(arr) != len(df):
             raise TrainError(
                 f"{kind} features {path} have shape {arr.shape} but {validated_path} has {len(df)} rows; "
@@ -467,8 +479,7 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
     import shutil
 
     from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS
-    from crossmodal.evaluate import compute_metrics
-    from crossmodal.fusion.stacking import train_stacking
+    from crossmodal.train_heads import train_frozen_heads
 
     data, labels = load_split_features(validated_path, image_features_path, text_features_path)
     out_dir = Path(out_dir)
@@ -484,10 +495,16 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
 
     rows = {s: int(len(data.y[s])) for s in SPLITS}
     result = TrainResult(out_dir=str(out_dir), labels=labels, heads=heads, rows=rows)
-    unimodal: dict = {}  # trained image_only / text_only, reused as stacking's base heads
+    frozen = [h for h in heads if h not in TRADITIONAL_HEADS and h not in FINETUNED_HEADS]
+    if frozen:  # on every core at once where it pays (train.workers): see crossmodal.train_heads
+        summaries, result.workers = train_frozen_heads(
+            frozen, data, labels, cfg, out_dir, (validated_path, image_features_path, text_features_path))
+        for name, summary in summaries.items():
+            result.head_dirs[name] = summary["dir"]
+            result.val_macro_f1[name] = summary["val_macro_f1"]
+            result.best_epoch[name], result.epochs_run[name] = summary["best_epoch"], summary["epochs_run"]
+            result.seconds[name] = summary["seconds"]
     for name in heads:
-        if name in TRADITIONAL_HEADS:
-            continue  # scikit-learn baselines on raw inputs: trained below
         if name in FINETUNED_HEADS:
             from crossmodal.finetune import finetune_head
 
@@ -496,47 +513,6 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
             result.val_macro_f1[name] = info["val_metrics"]["macro_f1"]
             result.best_epoch[name], result.epochs_run[name] = info["best_epoch"], info["epochs_run"]
             result.seconds[name] = info["train_seconds"]
-            continue
-        start = time.perf_counter()
-        if name == "stacking":
-            head, history = train_stacking(data, cfg, len(labels), base_heads=unimodal)
-        else:
-            head, history = train_head(name, data, cfg, len(labels))
-        if name in ("image_only", "text_only"):
-            unimodal[name] = head
-        seconds = time.perf_counter() - start
-        with torch_threads(TRAIN_THREADS):
-            proba = {s: predict_proba(head, data.image[s], data.text[s]) for s in ("val", "test")}
-            ti, tt = data.image["test"], data.text["test"]
-            robustness = {"test_proba_missing_text": predict_proba(head, ti, without(tt)),
-                          "test_proba_missing_image": predict_proba(head, without(ti), tt)}
-            gates = predict_gates(head, ti, tt)
-        if gates is not None:
-            robustness["test_gate"] = gates
-        val_metrics = compute_metrics(data.y["val"], proba["val"], labels)
-        info = {
-            "best_epoch": best_epoch(history),
-            "epochs_run": len(history),
-            "train_seconds": round(seconds, 3),
-            "val_metrics": val_metrics,
-            "history": history,
-            "labels": labels,
-            "config": cfg.model_dump(),
-            "family": "frozen",
-        }
-        head_dir = save_head(head, out_dir / name, info)
-        np.savez(
-            head_dir / PREDICTIONS_FILE,
-            **{f"{s}_proba": proba[s] for s in ("val", "test")},
-            **{f"{s}_y": data.y[s] for s in ("val", "test")},
-            **{f"{s}_ids": data.ids[s].astype(str) for s in ("val", "test")},
-            **robustness,
-        )
-        result.head_dirs[name] = str(head_dir)
-        result.val_macro_f1[name] = val_metrics["macro_f1"]
-        result.best_epoch[name] = info["best_epoch"]
-        result.epochs_run[name] = info["epochs_run"]
-        result.seconds[name] = round(seconds, 3)
     traditional = [h for h in cfg.heads if h in TRADITIONAL_HEADS]
     if traditional:
         from crossmodal.traditional import train_traditional

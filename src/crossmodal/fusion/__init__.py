@@ -24,7 +24,7 @@ from torch import nn
 from crossmodal.config import HEAD_NAMES
 from crossmodal.fusion.add import AddHead
 from crossmodal.fusion.attention import AttentionHead
-from crossmodal.fusion.common import Standardize, fill_missing
+from crossmodal.fusion.common import Standardize, feature_statistics, fill_missing
 from crossmodal.fusion.concat import ConcatHead
 from crossmodal.fusion.gated import GatedHead
 from crossmodal.fusion.late import LateFusionHead
@@ -47,7 +47,7 @@ HEADS: dict[str, type[nn.Module]] = {
 # Every nn.Module head is a named head; the traditional baselines (crossmodal.traditional) are not nn.Modules.
 assert set(HEADS) <= set(HEAD_NAMES), "every fusion.HEADS entry must be named in config.HEAD_NAMES"
 
-__all__ = ["HEADS", "Standardize", "build_head", "fill_missing", "fit_standardizers"]
+__all__ = ["HEADS", "Standardize", "build_head", "feature_statistics", "fill_missing", "fit_standardizers"]
 
 
 def build_head(
@@ -79,15 +79,25 @@ def build_head(
     return HEADS[name](image_dim, text_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout, **extra)
 
 
-def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.ndarray) -> nn.Module:
+def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.ndarray,
+                      statistics: dict | None = None) -> nn.Module:
     """Fit the head's per-modality :class:`Standardize` buffers on the training features (all-NaN rows, i.e.
-    absent modalities, ignored) and start each missing-modality placeholder at the training mean."""
+    absent modalities, ignored) and start each missing-modality placeholder at the training mean.
+
+    ``statistics``, when given, is a cache ``{"image": (mean, std), ...}`` of :func:`feature_statistics` results
+    for these same features: a modality found there is not recomputed, one computed here is added (the float64
+    pass over a large training set costs about a second per modality, for every head)."""
     import torch
 
     for kind, features in (("image", image_train), ("text", text_train)):
         norm = getattr(head, f"{kind}_norm", None)
         if isinstance(norm, Standardize):
-            norm.fit(features)
+            if statistics is None:
+                norm.fit(features)
+            else:
+                if kind not in statistics:
+                    statistics[kind] = feature_statistics(features, norm.dim)
+                norm.set_statistics(*statistics[kind])
             placeholder = getattr(head, f"{kind}_missing", None)
             if isinstance(placeholder, nn.Parameter):
                 with torch.no_grad():  # standardises to zero: "an average row" until training moves it

@@ -38,24 +38,40 @@ class Standardize(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: np.ndarray | torch.Tensor) -> Standardize:
-        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x, dtype=torch.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"Standardize expects features of shape (N, {self.dim}), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError("cannot fit Standardize on zero rows: the training split is empty")
-        x = x[~torch.isnan(x).any(dim=1)]  # absent-modality rows say nothing about the scale
-        if x.shape[0] == 0:
-            raise ValueError("cannot fit Standardize: every training row lacks this modality (all-NaN features)")
-        mean = x.mean(0)
-        std = x.std(0, unbiased=False)
-        # A constant feature (std 0) would blow up to +-inf on unseen data; leave it unscaled.
-        std = torch.where(std < 1e-6, torch.ones_like(std), std)
+        return self.set_statistics(*feature_statistics(x, self.dim))
+
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> Standardize:
+        """Load a :func:`feature_statistics` result (what :meth:`fit` does with the one it computes)."""
+        if mean.shape != (self.dim,) or std.shape != (self.dim,):
+            raise ValueError(f"Standardize({self.dim}) got statistics of shape {tuple(mean.shape)}")
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(std.to(self.std.dtype))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def feature_statistics(x: np.ndarray | torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (mean, std) in float64 over the rows that are not absent (no NaN), as :meth:`Standardize.fit`
+    uses them; a constant column (std < 1e-6) gets std 1. Heads trained on the same features can share one
+    result (``crossmodal.train`` computes it once per training set and modality)."""
+    x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x, dtype=torch.float64)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"Standardize expects features of shape (N, {dim}), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("cannot fit Standardize on zero rows: the training split is empty")
+    present = ~torch.isnan(x).any(dim=1)
+    if not bool(present.all()):  # absent-modality rows say nothing about the scale (a copy only when there are some)
+        x = x[present]
+    if x.shape[0] == 0:
+        raise ValueError("cannot fit Standardize: every training row lacks this modality (all-NaN features)")
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False)
+    # A constant feature (std 0) would blow up to +-inf on unseen data; leave it unscaled.
+    return mean, torch.where(std < 1e-6, torch.ones_like(std), std)
 
 
 def missing_placeholder(dim: int) -> nn.Parameter:
@@ -65,6 +81,8 @@ def missing_placeholder(dim: int) -> nn.Parameter:
 
 def fill_missing(x: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` that are entirely NaN (modality absent) replaced by ``placeholder``; other rows unchanged."""
+    if not bool(torch.isnan(x[:, :1]).any()):  # an all-NaN row has a NaN first column: a cheap test per batch
+        return x
     missing = torch.isnan(x).all(dim=1, keepdim=True)
     if not bool(missing.any()):
         return x

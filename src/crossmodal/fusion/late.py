@@ -48,9 +48,10 @@ class LateFusionHead(nn.Module):
         li, lt = self.unimodal_logits(image, text)
         w = self.image_weight.clamp(0.0, 1.0)
         # A row missing one modality is decided by the other classifier alone (weight 1 on what is present).
-        no_image, no_text = torch.isnan(image).all(dim=1, keepdim=True), torch.isnan(text).all(dim=1, keepdim=True)
-        if bool(no_image.any() or no_text.any()):
-            w = torch.where(no_text, 1.0, torch.where(no_image, 0.0, w)).to(li.dtype)
+        if bool(torch.isnan(image[:, :1]).any() or torch.isnan(text[:, :1]).any()):  # cheap: see fill_missing
+            no_image, no_text = torch.isnan(image).all(dim=1, keepdim=True), torch.isnan(text).all(dim=1, keepdim=True)
+            if bool(no_image.any() or no_text.any()):
+                w = torch.where(no_text, 1.0, torch.where(no_image, 0.0, w)).to(li.dtype)
         # log(w * p_i + (1 - w) * p_t) in log space: stable, and exact at w = 0 or 1 (log 0 = -inf drops out).
         stacked = torch.stack([torch.log(w) + torch.log_softmax(li, 1), torch.log1p(-w) + torch.log_softmax(lt, 1)])
         return torch.logsumexp(stacked, dim=0)
