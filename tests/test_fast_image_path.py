@@ -123,3 +123,36 @@ def test_resize_computes_what_pillow_computes():
             assert got.shape == want.shape == (3, size, size) and got.dtype == torch.uint8 and got.is_contiguous()
             diff = (got.int() - want.int()).abs()
             assert diff.max() <= 2 and diff.float().mean() < 0.01, (img.size, size)
+
+
+def test_the_cpu_thread_pipeline_gives_every_row_in_order_and_names_a_bad_image(tmp_path):
+    """The threaded CPU path (num_workers: auto, more than two batches) against the DataLoader path, row for row."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from crossmodal.config import EncodersConfig
+    from crossmodal.embed import FeatureExtractor, cpu_threads
+    from crossmodal.preprocess import ImageError
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(43):  # not a multiple of the batch: the last batch is short
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (40 + i, 60, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    cfg = {"device": "cpu", "precision": "fp32", "image": {"image_size": 64, "batch_size": 4}}
+    threaded = FeatureExtractor(EncodersConfig.model_validate({**cfg, "num_workers": "auto"}))
+    assert cpu_threads("auto", threaded.device, len(paths), 4) >= 1
+    serial = FeatureExtractor(EncodersConfig.model_validate({**cfg, "num_workers": 0}),
+                              image_encoder=threaded.image_encoder)
+    got, want = threaded.embed_images(paths), serial.embed_images(paths)
+    assert got.shape == want.shape == (43, threaded.image_dim)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # 1 vs 2 torch threads: float summation order
+
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    bad = paths[:30] + [str(tmp_path / "bad.jpg")] + paths[30:]
+    with pytest.raises(ImageError, match=r"image 30 \(.*bad\.jpg\)"):
+        threaded.embed_images(bad)
+    first = next(threaded.iter_image_features(paths))  # a consumer that stops early does not hang
+    assert first.shape == (4, threaded.image_dim)

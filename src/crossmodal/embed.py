@@ -132,6 +132,15 @@ def auto_num_workers(setting: int | str, device: torch.device, n_items: int, bat
     return max(1, cores if device.type == "cuda" else cores // 2)
 
 
+def cpu_threads(setting: int | str, device: torch.device, n_items: int, batch_size: int) -> int:
+    """Threads of the CPU pipeline (see FeatureExtractor._iter_threaded): one per core on a CPU device with
+    ``num_workers: auto`` and more than two batches of images; 0 (the DataLoader path) otherwise."""
+    if setting != "auto" or device.type != "cpu" or n_items <= 2 * batch_size:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
+
+
 def _is_oom(err: BaseException) -> bool:
     import torch
 
@@ -288,8 +297,10 @@ class FeatureExtractor:
     def iter_image_features(self, sources: list, progress: bool = False, names: list[str] | None = None):
         """Like :meth:`embed_images`, one float32 (batch, image_dim) array at a time, in the order of ``sources``.
 
-        Decoding runs in DataLoader workers and overlaps with the encoder; raises ImageError naming the first
-        image that cannot be decoded.
+        On a CPU with ``encoders.num_workers: auto`` and more than a couple of batches, every core runs its own
+        batches from decoding to features (:meth:`_iter_threaded`); otherwise decoding runs in DataLoader workers
+        (``num_workers`` processes) and overlaps with the encoder. Raises ImageError naming the first image that
+        cannot be decoded.
         """
         import torch
         from torch.utils.data import DataLoader
@@ -299,6 +310,10 @@ class FeatureExtractor:
         if not len(sources):
             return
         self.image_module  # noqa: B018  (load it before the workers start: a load error then comes first)
+        threads = cpu_threads(self.cfg.num_workers, self.device, len(sources), self.image_batch_size)
+        if threads:
+            yield from self._iter_threaded(list(sources), names, threads, progress)
+            return
         loader_bs = self.image_batch_size
         if self.cfg.image.batch_size == "auto":  # decode in larger batches than the encoder's (see AUTO_BATCH)
             loader_bs = max(loader_bs, LOADER_BATCH)
@@ -319,6 +334,50 @@ class FeatureExtractor:
                     raise ImageError(f"cannot embed {errors[0]}{more}")
                 yield self.forward_images(self._to_device(items, idx, dataset))
                 bar.update(len(idx))
+
+    def _iter_threaded(self, sources: list, names: list[str] | None, threads: int, progress: bool):
+        """The CPU pipeline: ``threads`` threads, each on one torch thread, each decoding a batch and encoding it.
+
+        Why not decoding workers plus a 2-thread encoder: on a machine with few cores the decoding process takes a
+        core from the encoder's OpenMP team, whose threads then wait on each other at every layer; measured on 2
+        cores, 117 images/s that way against 185 with a thread per core doing both (decoding and torch release the
+        GIL, and torch's thread count is per calling thread). Batches come back in input order; at most two per
+        thread are in flight, so memory stays flat.
+        """
+        import collections
+        import itertools
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from crossmodal.preprocess import ImageError
+
+        dataset = _ImageSources(sources, self.cfg.image.image_size, self.max_pixels, names)
+        bs = self.image_batch_size
+
+        def one_batch(start: int):
+            idx, items, errors = _collate([dataset[i] for i in range(start, min(start + bs, len(sources)))])
+            if errors:
+                more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
+                raise ImageError(f"cannot embed {errors[0]}{more}")
+            return self.forward_images(torch.stack([t for _, t in items]))
+
+        starts = iter(range(0, len(sources), bs))
+        with _bar(len(sources), progress, "image features", "img") as bar, \
+                ThreadPoolExecutor(threads, thread_name_prefix="crossmodal-image",
+                                   initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending = collections.deque(pool.submit(one_batch, s) for s in itertools.islice(starts, 2 * threads))
+            try:
+                while pending:
+                    feats = pending.popleft().result()
+                    for s in starts:  # keep the pool busy: one new batch for each one taken
+                        pending.append(pool.submit(one_batch, s))
+                        break
+                    bar.update(len(feats))
+                    yield feats
+            finally:
+                for fut in pending:  # an error or a consumer that stops early: drop the batches not started
+                    fut.cancel()
 
     def forward_images(self, x) -> np.ndarray:
         """uint8 (B, 3, S, S) images, already preprocessed (on any device) -> float32 (B, image_dim).
