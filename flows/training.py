@@ -186,6 +186,27 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     return summary
 
 
+def run_training(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None,
+                 summary_path: str | None = None, force: bool = False, heartbeats: bool | None = None) -> dict:
+    """Run ``training_flow`` as ``crossmodal run`` does.
+
+    ``heartbeats``: Prefect's flow-run heartbeats let a Prefect server mark a run whose process died as crashed.
+    None (the default) keeps them only when the run reports to a server that outlives this process
+    (``PREFECT_API_URL`` set): the temporary API of a run without one ends with the process, so there is nobody to
+    tell, and stopping the heartbeat thread costs up to a second at the end of every run (it sleeps in 1 s steps),
+    which is most of a re-run whose stages are all cached.
+    """
+    from contextlib import nullcontext
+
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if heartbeats is None:
+        heartbeats = get_current_settings().api.url is not None
+    quiet = nullcontext() if heartbeats else temporary_settings(updates={"flows.heartbeat_frequency": None})
+    with quiet:
+        return training_flow(params_path, overrides, summary_path, force)
+
+
 if __name__ == "__main__":
-    out = training_flow(*(sys.argv[1:2] or []))
+    out = run_training(*(sys.argv[1:2] or []))
     print(json.dumps(out, indent=2, default=str))

@@ -222,3 +222,18 @@ def test_forced_training_starts_fine_tuning_from_scratch_under_the_same_key(smal
     assert rec1["key"] == rec3["key"] == rec4["key"]
     assert json.loads((tmp_path / "run4" / "labels.json").read_text()) == [2]  # the forced outputs
     assert cfg.train.finetune.resume is True  # the caller's settings are left alone
+
+
+def test_a_run_without_a_prefect_server_sends_no_heartbeats(monkeypatch):
+    """Heartbeats only matter to a server that outlives the run; without one they cost a second per run."""
+    import flows.training as training
+    from prefect.settings import get_current_settings, temporary_settings
+
+    seen = []
+    monkeypatch.setattr(training, "training_flow", lambda *a: seen.append(get_current_settings().flows.heartbeat_frequency))
+    with temporary_settings(updates={"api.url": None}):
+        training.run_training()
+        training.run_training(heartbeats=True)
+    with temporary_settings(updates={"api.url": "http://127.0.0.1:4200/api"}):
+        training.run_training()
+    assert seen == [None, 180, 180]

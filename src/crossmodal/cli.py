@@ -202,9 +202,9 @@ def _stages_line(stages: dict[str, dict]) -> str:
 
 def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None, force: bool = False) -> dict:
     from crossmodal.publish import render
-    from flows.training import training_flow
+    from flows.training import run_training
 
-    result = _guard(training_flow, str(params), cfg_overrides, str(summary) if summary else None, force)
+    result = _guard(run_training, str(params), cfg_overrides, str(summary) if summary else None, force)
     metrics = json.loads((Path(result["work_dir"]) / "reports" / "metrics.json").read_text())
     typer.echo("\n" + render(result, metrics))
     if result.get("stages"):
