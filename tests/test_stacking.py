@@ -54,7 +54,9 @@ def test_fold_assignment_is_stratified_balanced_and_seeded():
         fold_assignment(np.array([0, 1, 0]), 5, 0)
 
 
-def test_out_of_fold_probabilities_never_come_from_a_head_that_saw_the_row(task, monkeypatch):
+@pytest.fixture
+def train_calls(monkeypatch):
+    """Every train_head call as (head name, ids it trained on, ids it predicts), in call order."""
     calls = []
     real = T.train_head
 
@@ -63,6 +65,11 @@ def test_out_of_fold_probabilities_never_come_from_a_head_that_saw_the_row(task,
         return real(name, data, cfg, num_classes)
 
     monkeypatch.setattr(T, "train_head", spy)
+    return calls
+
+
+def test_out_of_fold_probabilities_never_come_from_a_head_that_saw_the_row(task, train_calls):
+    calls = train_calls
     cfg = TrainConfig(**FAST, stacking={"folds": 3})
     oof, folds = out_of_fold_probabilities(task, cfg, 3)
     assert len(calls) == 2 * 3  # two unimodal heads per fold
@@ -90,15 +97,8 @@ def test_folds_to_predict_covers_oof_rows_with_whole_folds():
     assert folds_to_predict(10**7, 5, None) == 5  # null: every fold
 
 
-def test_a_large_train_split_predicts_fewer_folds_with_the_same_fold_models(task, monkeypatch):
-    calls = []
-    real = T.train_head
-
-    def spy(name, data, cfg, num_classes):
-        calls.append((name, set(data.ids["train"]), list(data.ids["test"])))
-        return real(name, data, cfg, num_classes)
-
-    monkeypatch.setattr(T, "train_head", spy)
+def test_a_large_train_split_predicts_fewer_folds_with_the_same_fold_models(task, train_calls):
+    calls = train_calls
     cfg = TrainConfig(**FAST, stacking={"folds": 3, "oof_rows": 100})  # ~270 train rows: 2 folds hold 100 rows
     oof, folds = out_of_fold_probabilities(task, cfg, 3)
     train_ids = np.asarray(task.ids["train"])
