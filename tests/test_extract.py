@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from crossmodal import embed, encoders, extract
+from crossmodal import embed, encoders, extract, hardware
 from crossmodal.config import ConfigError, EncodersConfig
 from crossmodal.encoders import IMAGE_ENCODERS, ImageEncoder
 from crossmodal.extract import (
@@ -231,9 +231,9 @@ def test_device_and_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", cpu) is None  # fp32 fallback where bf16 would be emulated
-    monkeypatch.setattr(embed, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", cpu) is torch.bfloat16
 
 
@@ -254,12 +254,12 @@ def test_auto_batch_sizes_and_workers(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert embed.auto_batch_size("image", "auto", cpu) == 8 and embed.auto_batch_size("image", "auto", gpu) == 256
     assert embed.auto_batch_size("text", "auto", cpu) == 64 and embed.auto_batch_size("text", 7, gpu) == 7
-    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert embed.auto_num_workers("auto", cpu, 1, 32) == 0  # one request: starting workers costs more than it saves
     assert embed.auto_num_workers("auto", cpu, 1000, 32) == 8  # half the cores: the encoder needs the rest
     assert embed.auto_num_workers("auto", gpu, 1000, 32) == 16
     assert embed.auto_num_workers(3, cpu, 1, 32) == 3
-    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert embed.auto_num_workers("auto", cpu, 1000, 32) == 1
     with pytest.raises(ConfigError, match="encoders.image.batch_size"):
         from crossmodal.config import from_dict

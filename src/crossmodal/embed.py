@@ -13,196 +13,37 @@ Usage::
 Used by the feature store (``crossmodal.extract``) and by the served model (``crossmodal.model``), so training and
 serving embed inputs the same way. Speed on CPU comes from layout and precision more than from batching:
 channels_last makes depthwise convolutions ~2x faster and bf16 autocast another ~2x on CPUs with AVX512-BF16/AMX
-(fp32 elsewhere). Images are decoded in DataLoader workers while the encoder runs; on CUDA, plain JPEGs are decoded
-in batches on the GPU (``crossmodal.jpeg``) from pinned memory. Texts are tokenized once per chunk and batched by
+(fp32 elsewhere), and the encoder runs with its BatchNorm folded into the convolutions. On a CPU every core decodes
+and encodes its own batches; with a GPU images are decoded in DataLoader workers while the encoder runs, and plain
+JPEGs are decoded in batches on the GPU (``crossmodal.jpeg``) from pinned memory. Device, precision, batch sizes and
+worker counts are decided in ``crossmodal.hardware``; image decoding is ``crossmodal.image_sources``. Texts are tokenized once per chunk and batched by
 length. Batch sizes start from the config (``auto``: by device) and halve whenever the device runs out of memory.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import sys
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from crossmodal.config import ConfigError, EncodersConfig
+from crossmodal.config import EncodersConfig
 from crossmodal.encoders import ImageEncoder, TextEncoder, canonical_name, load_image_encoder, load_text_encoder
-
-if TYPE_CHECKING:
-    import torch
+from crossmodal.hardware import (  # noqa: F401  (re-exported: callers import them from here)
+    AUTO_BATCH,
+    LOADER_BATCH,
+    _is_oom,
+    auto_batch_size,
+    auto_num_workers,
+    cpu_has_fast_bf16,
+    cpu_threads,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
+from crossmodal.image_sources import ImageSources, collate
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- device and precision
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA, else Apple MPS, else CPU. Asking for a device that is absent is a ConfigError."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"encoders.device {name!r} is not a device; use auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("encoders.device is 'cuda' but this torch sees no CUDA GPU; set encoders.device: auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("encoders.device is 'mps' but Apple MPS is not available; set encoders.device: auto or cpu")
-    return device
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16) that oneDNN uses."""
-    import torch
-
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # private helpers moved: read the flags ourselves (Linux)
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-        except OSError:
-            return False
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
-
-    ``auto`` picks bf16 where it is fast (CUDA with bf16 support, a CPU with AMX/AVX512-BF16),
-    fp16 on older CUDA GPUs, and fp32 otherwise (bf16 emulated in software is slower than fp32).
-    """
-    import torch
-
-    device = torch.device(device)
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise ConfigError(f"encoders.precision {precision!r} is not one of auto, fp32, bf16")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """``None`` -> "fp32", ``torch.bfloat16`` -> "bf16", ``torch.float16`` -> "fp16" (as in cache keys)."""
-    return "fp32" if dtype is None else {"torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(dtype)]
-
-
-# --------------------------------------------------------------------------- batch sizes and workers
-# Image batches on a CPU are small on purpose: a batch of 8 keeps a block's activations in the cache, and measured
-# 1.4x the images/s of a batch of 32 for EfficientNet-Lite0 (bf16, 2 cores). With ``auto``, decoding still runs in
-# loader batches of at least LOADER_BATCH images, so the workers hand over few, large batches.
-AUTO_BATCH = {("image", "cpu"): 8, ("image", "gpu"): 256, ("text", "cpu"): 64, ("text", "gpu"): 512}
-LOADER_BATCH = 32
-
-
-def auto_batch_size(kind: str, setting: int | str, device: torch.device) -> int:
-    """The starting batch size: the configured int, or for ``auto`` a size by device kind (halved later on OOM)."""
-    if setting != "auto":
-        return int(setting)
-    return AUTO_BATCH[(kind, "gpu" if device.type in ("cuda", "mps") else "cpu")]
-
-
-def auto_num_workers(setting: int | str, device: torch.device, n_items: int, batch_size: int) -> int:
-    """Decoding workers for ``n_items`` images. ``auto``: none for a batch or two (starting workers costs more
-    than it saves, e.g. when serving one request); on a GPU machine one per core (the GPU waits on decoding);
-    on a CPU half the cores, at least one, because the encoder needs the other half."""
-    if setting != "auto":
-        return int(setting)
-    if n_items <= 2 * batch_size:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores if device.type == "cuda" else cores // 2)
-
-
-def cpu_threads(setting: int | str, device: torch.device, n_items: int, batch_size: int) -> int:
-    """Threads of the CPU pipeline (see FeatureExtractor._iter_threaded): one per core on a CPU device with
-    ``num_workers: auto`` and more than two batches of images; 0 (the DataLoader path) otherwise."""
-    if setting != "auto" or device.type != "cpu" or n_items <= 2 * batch_size:
-        return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores)
-
-
-def _is_oom(err: BaseException) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(err, oom)) or "out of memory" in str(err).lower()
-
-
-# --------------------------------------------------------------------------- image decoding (DataLoader)
-class _ImageSources:
-    """Map-style dataset: index -> (index, uint8 tensor or JPEG bytes tensor, error or None).
-
-    On the CPU every image is decoded and resized here, in the DataLoader's workers, with the very
-    functions validation and serving use. With ``raw_jpeg`` (a CUDA device), plain RGB JPEGs are only read
-    and come back as 1-D byte tensors tagged ``jpeg``, for batched decoding on the GPU (crossmodal.jpeg).
-    Decoding errors are returned, not raised: raised inside a worker they come back wrapped in a worker
-    traceback; returned, the main process can name the image plainly.
-    """
-
-    def __init__(self, sources: list, size: int, max_pixels: int | None, names: list[str] | None,
-                 raw_jpeg: bool = False):
-        self.sources, self.size, self.max_pixels, self.names = sources, size, max_pixels, names
-        self.raw_jpeg = raw_jpeg
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, i: int):
-        import torch
-
-        from crossmodal.preprocess import image_to_tensor, load_image
-
-        src = self.sources[i]
-        if self.raw_jpeg:
-            try:
-                if isinstance(src, bytes | bytearray | memoryview):
-                    data = bytes(src)
-                else:
-                    with open(src, "rb") as fh:
-                        data = fh.read()
-            except (OSError, TypeError):
-                data = None  # the CPU path below names the problem
-            from crossmodal.jpeg import gpu_ready_jpeg
-
-            if data is not None and gpu_ready_jpeg(data, self.max_pixels):
-                return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
-        try:
-            return i, ("pixels", image_to_tensor(load_image(src, self.max_pixels), self.size)), None
-        except Exception as err:  # ImageError, or a TypeError for a source that is neither path nor bytes
-            return i, None, self.describe(i, err)
-
-    def describe(self, i: int, err: BaseException) -> str:
-        src = self.sources[i]
-        what = self.names[i] if self.names else f"image {i}"
-        shown = f"{len(src)} bytes" if isinstance(src, bytes | bytearray) else str(src)
-        return f"{what} ({shown}): {err}"
-
-
-def _collate(batch: list):
-    idx = [b[0] for b in batch]
-    errors = [b[2] for b in batch if b[2] is not None]
-    return idx, [b[1] for b in batch], errors
-
 
 # --------------------------------------------------------------------------- the extractor
 class FeatureExtractor:
@@ -318,12 +159,12 @@ class FeatureExtractor:
         if self.cfg.image.batch_size == "auto":  # decode in larger batches than the encoder's (see AUTO_BATCH)
             loader_bs = max(loader_bs, LOADER_BATCH)
         workers = auto_num_workers(self.cfg.num_workers, self.device, len(sources), loader_bs)
-        dataset = _ImageSources(list(sources), self.cfg.image.image_size, self.max_pixels, names, self.gpu_jpeg)
+        dataset = ImageSources(list(sources), self.cfg.image.image_size, self.max_pixels, names, self.gpu_jpeg)
         loader = DataLoader(
             dataset,
             batch_size=loader_bs,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=self.device.type == "cuda",  # page-locked host memory: the copy below can be asynchronous
             prefetch_factor=4 if workers else None,
         )
@@ -352,11 +193,11 @@ class FeatureExtractor:
 
         from crossmodal.preprocess import ImageError
 
-        dataset = _ImageSources(sources, self.cfg.image.image_size, self.max_pixels, names)
+        dataset = ImageSources(sources, self.cfg.image.image_size, self.max_pixels, names)
         bs = self.image_batch_size
 
         def one_batch(start: int):
-            idx, items, errors = _collate([dataset[i] for i in range(start, min(start + bs, len(sources)))])
+            idx, items, errors = collate([dataset[i] for i in range(start, min(start + bs, len(sources)))])
             if errors:
                 more = f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""
                 raise ImageError(f"cannot embed {errors[0]}{more}")
@@ -406,7 +247,7 @@ class FeatureExtractor:
                 start += bs
         return torch.cat(out).cpu().numpy()
 
-    def _to_device(self, items: list, idx: list[int], dataset: _ImageSources):
+    def _to_device(self, items: list, idx: list[int], dataset: ImageSources):
         """One uint8 (B, 3, S, S) batch on the device from CPU-decoded pixels and/or JPEG bytes."""
         import torch
 
