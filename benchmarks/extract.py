@@ -156,17 +156,19 @@ def rss_child(validated: str, cache: str, device: str) -> None:
     import resource
 
     from crossmodal.extract import extract_features
+    from crossmodal.hardware import resolve_device
 
-    def children_mb() -> float:
-        return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-
-    before = children_mb()  # importing torch runs a short-lived helper process: not part of the extraction
     t0 = time.perf_counter()
-    res = extract_features(validated, encoders_config(device), cache, progress=False)
-    after = children_mb()
-    workers = after if after > before else 0.0
-    # Main process plus the largest worker process the extraction started (DataLoader decoding workers, on a GPU
-    # machine or with an explicit num_workers; none on a CPU with num_workers auto): an upper bound of what it held.
+    cfg = encoders_config(device)
+    res = extract_features(validated, cfg, cache, progress=False)
+    workers = 0.0
+    if resolve_device(cfg.device).type != "cpu":
+        # DataLoader decoding workers (on a CPU every core decodes in a thread of this process instead). The children's
+        # peak also counts short-lived helpers, such as the `ldconfig -p` a library import runs, which report the
+        # memory they inherited at fork: an upper bound.
+        unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+        workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / unit
+    # Main process plus the largest worker process: an upper bound of what the run held at once.
     print(json.dumps({"rows": res.rows, "peak_rss_mb": peak_rss_mb() + workers, "main_mb": peak_rss_mb(),
                       "worker_mb": workers, "seconds": time.perf_counter() - t0}))
 
@@ -313,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"peak RSS of extract_features in a fresh process (feature chunks of {CHUNK_ROWS} distinct inputs):")
         for label, r, ratio in (("N ", rss_small, 1.0), ("4N", rss_large, rss_ratio)):
             say(f"  {label} = {r['rows']:6d} rows: {r['peak_rss_mb']:8.1f} MiB   {ratio:.3f} x   (main process "
-                f"{r['main_mb']:.1f} + largest worker process it started {r['worker_mb']:.1f})")
+                f"{r['main_mb']:.1f} + largest decoding worker process {r['worker_mb']:.1f})")
         say("cached re-run of the extract stage (same table, features served from the cache):")
         say(f"  cold {cold_s:.2f} s, cached {warm_s:.3f} s = {warm_s / cold_s:.4f} of the cold extract stage")
         say("targets (2-core CPU):")
