@@ -5,6 +5,7 @@ Run from the repository root with the project's virtual environment::
     .venv/bin/python -m benchmarks.extract [--quick] [--device cuda]   # or: .venv/bin/python benchmarks/extract.py
     .venv/bin/python -m benchmarks.train [--quick]
     .venv/bin/python -m benchmarks.predict [--quick]
+    .venv/bin/python -m benchmarks.flow [--quick]
 
 Each prints its figures, the targets with PASS/FAIL, and ends with one JSON object on its last line.
 ``--quick`` uses CI-friendly sizes (a minute or two on a 2-core CPU). Targets are printed, never asserted:
@@ -25,6 +26,17 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISAB
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
                "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+
+
+def parser(doc: str, quick: str = "CI-friendly sizes", device: bool = False):
+    """The benchmarks' command line: a description from the module docstring, ``--quick``, and ``--device``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick)
+    if device:
+        ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    return ap
 
 
 def say(*parts) -> None:

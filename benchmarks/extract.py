@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import check, emit, machine, peak_rss_mb, say
+from benchmarks import check, emit, machine, parser, peak_rss_mb, say
 
 WORDS = ("a man woman child dog cat bus train plate of food on the table street city beach mountain red blue green "
          "old new small large sitting standing walking next to with near under an image photo picture two three "
@@ -252,9 +252,7 @@ def gpu_comparisons(fx, paths: list[str], seconds: float) -> dict:
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-friendly sizes")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    ap = parser(__doc__, device=True)
     ap.add_argument("--n", type=int, help="rows for the throughput runs (default 1024, quick 256; GPU 4096)")
     ap.add_argument("--naive", type=int, help="images and texts for the naive loops (default 64, quick 24)")
     ap.add_argument("--rss-n", type=int, help="N of the memory runs, which also run 4N (default 512, quick 96)")

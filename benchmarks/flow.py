@@ -26,14 +26,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/flow.py`: import like
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import check, emit, machine, say
+from benchmarks import check, emit, machine, parser, say
 
 TARGET_FRACTION = 0.05
 QUICK_HEADS = ["image_only", "text_only", "concat", "gated", "add", "late", "attention", "stacking"]
@@ -55,8 +54,7 @@ def _params(root: Path, rows: int, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-friendly size: 300 rows, no fine-tuning, no baselines")
+    ap = parser(__doc__, quick="CI-friendly size: 300 rows, no fine-tuning, no baselines")
     ap.add_argument("--rows", type=int, help="demo rows (default 1,500, quick 300)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder and print where it is")
     args = ap.parse_args(argv)

@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/predict.py`: import l
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
 import random
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import check, emit, machine, say
+from benchmarks import check, emit, machine, parser, say
 from benchmarks.extract import make_caption, make_jpeg
 from benchmarks.train import make_features
 
@@ -64,9 +63,7 @@ def registered_model(root: Path, device: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-friendly sizes")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    ap = parser(__doc__, device=True)
     ap.add_argument("--calls", type=int, help="single-pair calls (default 200, quick 40)")
     ap.add_argument("--batch", type=int, help="pairs in the batched call (default 512, quick 128)")
     args = ap.parse_args(argv)

@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/train.py`: import lik
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
 import os
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import check, emit, machine, say
+from benchmarks import check, emit, machine, parser, say
 
 TARGET_ROWS, TARGET_SECONDS = 50_000, 60.0
 
@@ -68,8 +67,7 @@ def make_features(root: Path, rows: int, seed: int = 0) -> tuple[Path, Path, Pat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-friendly size (10,000 rows)")
+    ap = parser(__doc__, quick="CI-friendly size (10,000 rows)")
     ap.add_argument("--rows", type=int, help=f"rows of cached features (default {TARGET_ROWS:,}, quick 10,000)")
     ap.add_argument("--workers", help="train.workers: processes training at once (default auto)")
     ap.add_argument("--heads", help="comma-separated heads (default: every default head that trains on cached "

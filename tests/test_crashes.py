@@ -140,12 +140,18 @@ def _worker(job, *extra):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _worst_is_champion(tiny_run, mlflow_store) -> str:
+    """Register the worst head as version 1 (champion); returns the model name."""
+    name = tiny_run["cfg"].mlflow.model_name
+    worst, _ = _heads(tiny_run)
+    promotion.register_and_gate(_log(tiny_run, worst)[0], name, _test_rows(tiny_run), tiny_run["cfg"].promotion,
+                                mlflow_store)
+    return name
+
+
 @pytest.mark.slow
 def test_process_killed_during_registration(tiny_run, mlflow_store, tmp_path):
-    cfg = tiny_run["cfg"]
-    name = cfg.mlflow.model_name
-    worst, _ = _heads(tiny_run)
-    promotion.register_and_gate(_log(tiny_run, worst)[0], name, _test_rows(tiny_run), cfg.promotion, mlflow_store)
+    name = _worst_is_champion(tiny_run, mlflow_store)
     before = ({"1": "complete"}, {"champion": "1", "challenger": "1"})
     assert _state(name) == before
 
@@ -175,9 +181,7 @@ def test_process_killed_during_registration(tiny_run, mlflow_store, tmp_path):
 def test_process_killed_during_training(tiny_run, mlflow_store, tmp_path):
     """Training writes files only: a run killed in the middle registers nothing and moves no alias."""
     cfg = tiny_run["cfg"]
-    name = cfg.mlflow.model_name
-    worst, _ = _heads(tiny_run)
-    promotion.register_and_gate(_log(tiny_run, worst)[0], name, _test_rows(tiny_run), cfg.promotion, mlflow_store)
+    name = _worst_is_champion(tiny_run, mlflow_store)
     before = _state(name)
     params = tmp_path / "params.yaml"
     dump = cfg.model_dump()
