@@ -45,12 +45,12 @@ from torch import nn
 
 from crossmodal.atomic import atomic_path, write_json
 from crossmodal.config import EncodersConfig, TrainConfig
+from crossmodal.preprocess import is_absent
 from crossmodal.xattn import (
     HEAD_FILE,
     NAME,
     FinetunedXattn,
     FinetuneError,
-    _absent,
     _autocast,
     _load_trained,
     predict_proba,
@@ -114,7 +114,7 @@ def fingerprint(frame, labels: list[str], cfg: TrainConfig, encoders: EncodersCo
     for col in ("id", "label", "split", "image_sha256", "text"):
         values = frame[col] if col in frame.columns else [""] * len(frame)
         for v in values:
-            b = ("" if _absent(v) else str(v)).encode("utf-8", "surrogatepass")
+            b = ("" if is_absent(v) else str(v)).encode("utf-8", "surrogatepass")
             h.update(len(b).to_bytes(8, "little") + b)
     return h.hexdigest()
 

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
 from crossmodal.config import FINETUNED_HEADS, Config, EncodersConfig
+from crossmodal.preprocess import is_absent
 
 MODEL_FILE = "model.json"
 HEAD_DIR = "head"
@@ -291,8 +292,8 @@ class FinetunedFusedModel(FusedModel):
         out = {"proba": proba, "attr_image": np.zeros(n), "attr_text": np.zeros(n)}
         # Removing the only modality a row has leaves nothing to predict from: its attribution is the whole
         # prediction, so only rows that keep something are re-scored.
-        for key, keep in (("attr_image", [k for k in range(n) if not _absent(texts[k])]),
-                          ("attr_text", [k for k in range(n) if not _absent(images[k])])):
+        for key, keep in (("attr_image", [k for k in range(n) if not is_absent(texts[k])]),
+                          ("attr_text", [k for k in range(n) if not is_absent(images[k])])):
             if not keep:
                 continue
             sub_img = [None if key == "attr_image" else images[k] for k in keep]
@@ -311,7 +312,7 @@ class FinetunedFusedModel(FusedModel):
         if len(images) != len(texts):
             raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
         for i, (img, txt) in enumerate(zip(images, texts)):
-            if _absent(img) and _absent(txt):
+            if is_absent(img) and is_absent(txt):
                 raise PredictionInputError(f"row {i}: no image and no text; give at least one")
         args = self.network.init_args
         text = self.network.text
@@ -322,11 +323,6 @@ class FinetunedFusedModel(FusedModel):
             raise PredictionInputError(str(err)) from None
         proba = predict_proba(self.network, inputs, dtype=self.dtype)
         return self._calibrated(proba)
-
-
-def _absent(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or (
-        isinstance(value, bytes | bytearray) and len(value) == 0) or (isinstance(value, str) and not value.strip())
 
 
 class CrossmodalPyfunc(PythonModel):

@@ -209,6 +209,14 @@ _WS = re.compile(r"\s+")
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 
 
+def is_absent(value) -> bool:
+    """A cell that holds no input: None, NaN, empty bytes, or a string with nothing but whitespace. The one test the
+    served models, fine-tuning and the traditional baselines share (validation's row checks also look at what
+    ``clean_text`` leaves of a text)."""
+    return value is None or (isinstance(value, float) and value != value) or (
+        isinstance(value, bytes | bytearray) and len(value) == 0) or (isinstance(value, str) and not value.strip())
+
+
 def clean_text(s: str | None) -> str:
     """Unicode NFC; NUL, other control and zero-width characters removed; whitespace collapsed; stripped.
 

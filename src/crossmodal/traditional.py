@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossmodal.preprocess import is_absent
+
 MODALITY = {"traditional_text": "text", "traditional_image": "image", "traditional_concat": "fusion"}
 SPLITS = ("train", "val", "test")
 
@@ -83,10 +85,6 @@ def image_descriptor(img, cfg) -> np.ndarray:
     return np.concatenate([colour, moments, hog(grey, cfg.hog_cell, cfg.hog_orientations)]).astype(np.float32)
 
 
-def _absent(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value)
-
-
 def image_features(paths, ids, cfg) -> np.ndarray:
     """(N, D) descriptors; an absent image (null / empty path) is a NaN row."""
     from crossmodal.preprocess import ImageError, load_image
@@ -94,7 +92,7 @@ def image_features(paths, ids, cfg) -> np.ndarray:
 
     rows, dim = [], None
     for path, row_id in zip(paths, ids, strict=True):
-        if _absent(path):
+        if is_absent(path):
             rows.append(None)
             continue
         try:
@@ -161,7 +159,7 @@ def fit_select(x: dict, y: dict, num_classes: int, cfg) -> tuple[object, list[di
 def _texts(frame, split_mask) -> list[str]:
     from crossmodal.preprocess import clean_text
 
-    return [clean_text(None if _absent(t) else t) for t in frame.loc[split_mask, "text"]]
+    return [clean_text(None if is_absent(t) else t) for t in frame.loc[split_mask, "text"]]
 
 
 class _Blocks:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from crossmodal.config import FinetuneConfig
+from crossmodal.preprocess import is_absent
 from crossmodal.train import TrainError
 
 if TYPE_CHECKING:
@@ -392,11 +392,6 @@ class Inputs:
         return out
 
 
-def _absent(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or (
-        isinstance(value, str | bytes | bytearray) and len(value) == 0)
-
-
 def prepare_inputs(images: list, texts: list, tokenizer, image_size: int, max_length: int,
                    max_pixels: int | None = None, names: list[str] | None = None) -> Inputs:
     """Decode and tokenise with the same functions as the frozen pipeline (``crossmodal.preprocess``).
@@ -412,7 +407,7 @@ def prepare_inputs(images: list, texts: list, tokenizer, image_size: int, max_le
     pixels = torch.zeros((n, 3, image_size, image_size), dtype=torch.uint8)
     image_missing = torch.zeros(n, dtype=torch.bool)
     for i, src in enumerate(images):
-        if _absent(src):
+        if is_absent(src):
             image_missing[i] = True
             continue
         try:
@@ -421,7 +416,7 @@ def prepare_inputs(images: list, texts: list, tokenizer, image_size: int, max_le
         except ImageError as err:
             what = names[i] if names else f"row {i}"
             raise ImageError(f"{what}: {err}") from None
-    cleaned = ["" if _absent(t) else clean_text(t).encode("utf-8", "replace").decode("utf-8") for t in texts]
+    cleaned = ["" if is_absent(t) else clean_text(t).encode("utf-8", "replace").decode("utf-8") for t in texts]
     text_missing = torch.tensor([not t for t in cleaned], dtype=torch.bool)
     enc = tokenizer(cleaned, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return Inputs(pixels, enc["input_ids"].long(), enc["attention_mask"].long(), image_missing, text_missing)
