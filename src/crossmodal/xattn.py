@@ -31,13 +31,7 @@ import torch
 from torch import nn
 
 from crossmodal.config import FinetuneConfig
-from crossmodal.xattn_inputs import (  # noqa: F401  (re-exported: callers import them from here)
-    FinetuneError,
-    Inputs,
-    _autocast,
-    predict_proba,
-    prepare_inputs,
-)
+from crossmodal.xattn_inputs import FinetuneError, Inputs, _autocast, predict_proba, prepare_inputs  # noqa: F401
 
 if TYPE_CHECKING:
     from crossmodal.encoders import ImageEncoder, TextEncoder
