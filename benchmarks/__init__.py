@@ -67,7 +67,9 @@ def machine() -> str:
 
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from crossmodal.hardware import usable_cores
+
+    cores = usable_cores()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.machine()}, {cores} CPU cores, {gpu}, torch {torch.__version__}"
 

@@ -230,7 +230,9 @@ def gpu_comparisons(fx, paths: list[str], seconds: float) -> dict:
         def __getitem__(self, i):
             return tf(Image.open(paths[i]).convert("RGB"))
 
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from crossmodal.hardware import usable_cores
+
+    workers = usable_cores()
     loader = DataLoader(Files(), batch_size=bs, num_workers=workers, pin_memory=True, prefetch_factor=4)
     t0 = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -96,6 +96,13 @@ AUTO_BATCH = {("image", "cpu"): 8, ("image", "gpu"): 256, ("text", "cpu"): 64, (
 LOADER_BATCH = 32
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def auto_batch_size(kind: str, setting: int | str, device: torch.device) -> int:
     """The starting batch size: the configured int, or for ``auto`` a size by device kind (halved later on OOM)."""
     if setting != "auto":
@@ -111,7 +118,7 @@ def auto_num_workers(setting: int | str, device: torch.device, n_items: int, bat
         return int(setting)
     if n_items <= 2 * batch_size:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, cores if device.type == "cuda" else cores // 2)
 
 
@@ -120,7 +127,7 @@ def cpu_threads(setting: int | str, device: torch.device, n_items: int, batch_si
     ``num_workers: auto`` and more than two batches of images; 0 (the DataLoader path) otherwise."""
     if setting != "auto" or device.type != "cpu" or n_items <= 2 * batch_size:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, cores)
 
 

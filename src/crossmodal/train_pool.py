@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
+from crossmodal.hardware import usable_cores
+
 # "auto" adds workers when the tasks should take at least this long in one process (a lower bound, from the
 # caller's estimate): about what a worker needs here to start, import torch and read the features. Measured on a
 # 2-core CPU with nothing else running: the demo's 8 frozen-feature heads (1,041 training rows, estimated 3.8 s)
@@ -51,13 +53,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def available_memory() -> int | None:
