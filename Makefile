@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 
-.PHONY: demo test test-all install install-dev ui repro clean
+.PHONY: demo test test-all lint install install-dev ui repro clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: $(STAMP)
 
 test: $(DEV)
 	$(BIN)/python -m pytest
+
+# The house rules: ruff (pyflakes, import order, no private access across modules) and the import layers
+# (import-linter contracts in pyproject.toml: each layer imports only from the layers below it).
+lint: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # Also the slow tests (dvc repro end to end, a real Prefect server schedule).
 test-all: $(DEV)

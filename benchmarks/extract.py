@@ -155,7 +155,7 @@ def rss_child(validated: str, cache: str, device: str) -> None:
     """Run in a fresh process: extract_features over ``validated``, print the peak RSS as JSON."""
     import resource
 
-    from crossmodal.extract import extract_features
+    from crossmodal.features.extract import extract_features
     from crossmodal.hardware import resolve_device
 
     t0 = time.perf_counter()
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
         rss_child(*args.rss_child, args.device)
         return {}
 
-    from crossmodal.extract import CHUNK_ROWS, FeatureExtractor, extract_features
+    from crossmodal.features.extract import CHUNK_ROWS, extract_features
+    from crossmodal.features.extractor import FeatureExtractor
 
     cuda = args.device == "cuda"
     n = args.n or (256 if args.quick else (4096 if cuda else 1024))

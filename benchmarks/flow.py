@@ -79,7 +79,7 @@ def _bench(root: Path, rows: int, quick: bool) -> dict:
 
     import crossmodal  # noqa: F401  (offline, quiet environment defaults)
     from crossmodal.config import from_dict
-    from crossmodal.data import generate_demo
+    from crossmodal.data.demo import generate_demo
 
     params = _params(root, rows, quick)
     cfg = from_dict(params)
@@ -102,7 +102,6 @@ def _bench(root: Path, rows: int, quick: bool) -> dict:
 
         warm_up()
         import mlflow  # noqa: F401  (imported by the first run otherwise)
-
         from flows.training import run_training
 
         startup_s = time.perf_counter() - t0

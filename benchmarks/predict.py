@@ -40,8 +40,8 @@ def registered_model(root: Path, device: str):
 
     import mlflow
     from crossmodal.config import from_dict
-    from crossmodal.model import log_model
-    from crossmodal.train import train_all
+    from crossmodal.serving.package import log_model
+    from crossmodal.training.train import train_all
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     cfg = from_dict({"encoders": {"device": device}, "train": {"heads": ["concat"], "max_epochs": 5},

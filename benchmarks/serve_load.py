@@ -39,13 +39,12 @@ def free_port() -> int:
 def build_model(workdir: Path, allowed_image_root: str | None = None) -> tuple[str, Path]:
     """Train one small head on the demo data and register it; returns (tracking URI, demo data folder)."""
     import mlflow
-
     from crossmodal.config import from_dict
-    from crossmodal.data import generate_demo
-    from crossmodal.extract import extract_features
-    from crossmodal.model import log_model
-    from crossmodal.train import train_all
-    from crossmodal.validate import validate_manifest
+    from crossmodal.data.demo import generate_demo
+    from crossmodal.features.extract import extract_features
+    from crossmodal.serving.package import log_model
+    from crossmodal.training.train import train_all
+    from crossmodal.validation.validate import validate_manifest
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = from_dict({

@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from crossmodal.config import TrainConfig
-    from crossmodal.train import load_split_features, train_all
+    from crossmodal.training.dataset import load_split_features
+    from crossmodal.training.train import train_all
 
     rows = args.rows or (10_000 if args.quick else TARGET_ROWS)
-    from crossmodal.fusion import HEADS
+    from crossmodal.heads.registry import HEADS
 
     heads = args.heads.split(",") if args.heads else [h for h in TrainConfig().heads if h in HEADS]
     workers = "auto" if args.workers in (None, "auto") else int(args.workers)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from crossmodal.train import BatchStream
+    from crossmodal.training.loop import BatchStream
 
     stream = BatchStream(result.rows["train"], cfg.batch_size, torch.Generator())
     say(f"\n{rows:,} rows of cached features (1280-d image, 384-d text), {len(cfg.heads)} heads, "

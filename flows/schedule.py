@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from crossmodal.errors import UserError
+
 DEPLOYMENT_NAME = "crossmodal-retrain"
 
 
-class ScheduleError(RuntimeError):
+class ScheduleError(UserError, RuntimeError):
     """The schedule cannot be served; the message says what to do."""
 
 

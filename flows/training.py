@@ -9,7 +9,7 @@ Run it:
 Without ``PREFECT_API_URL`` it starts a temporary Prefect API for the run; with it, the run shows in that server's
 UI. ``crossmodal schedule --cron "0 3 * * *"`` serves it on a schedule (see flows/schedule.py).
 
-Every stage is skipped when its inputs, settings and code are unchanged (``crossmodal.stages``: content keys,
+Every stage is skipped when its inputs, settings and code are unchanged (``crossmodal.pipeline.stages``: content keys,
 outputs under ``<paths.cache>/stages/``, linked into the run folder; extraction keeps its Prefect cache on top of
 the feature store), and publishing registers nothing when the model is identical to a registered version. A
 skipped stage's task ends in state ``Cached``. The flow's result (and ``<run folder>/stages.json``) says per stage
@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import logging
-import crossmodal  # noqa: F401  (sets the offline, quiet environment defaults before Prefect loads)
-from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
-from prefect.states import Completed
+from crossmodal.artifacts import STAGES_FILE
+from crossmodal.environment import set_env_defaults
 
-from crossmodal.atomic import write_json
-from crossmodal.config import Config, from_dict, load_config
-from crossmodal.errors import HideUserErrorTracebacks
+set_env_defaults()  # Prefect reads its settings when it is imported: the offline, quiet defaults go first
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+
+from crossmodal.config import Config, from_dict, load_config  # noqa: E402
+from crossmodal.errors import HideUserErrorTracebacks  # noqa: E402
+from crossmodal.files import write_json  # noqa: E402
 
 # Bad data or settings end in one clear log line, not a traceback from the engine's internals.
 for _name in ("prefect.task_runs", "prefect.flow_runs"):
@@ -61,7 +65,7 @@ def _done(result: dict, record: dict, what: str):
 
 @task(name="validate")
 def validate_task(cfg: dict, manifest: str, out_dir: str, cache_dir: str | None = None, force: bool = False):
-    from crossmodal import stages
+    from crossmodal.pipeline import stages
 
     result, record = stages.cached_validate(manifest, from_dict(cfg), out_dir, cache_dir or cfg["paths"]["cache"],
                                             force)
@@ -82,17 +86,17 @@ def _extract_cache_key(context, parameters: dict[str, Any]) -> str:
 def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir: str, force: bool = False) -> dict:
     cfg = from_dict({"encoders": encoders})
     if force:
-        from crossmodal.stages import force_extract
+        from crossmodal.pipeline.stages import force_extract
 
         return force_extract(validated_path, cfg, cache_dir)
-    from crossmodal.extract import extract_features
+    from crossmodal.features.extract import extract_features
 
     return extract_features(validated_path, cfg.encoders, cache_dir).to_dict()
 
 
 @task(name="train")
 def train_task(validated: dict, features: dict, cfg: dict, out_dir: str, cache_dir: str, force: bool = False):
-    from crossmodal import stages
+    from crossmodal.pipeline import stages
 
     result, record = stages.cached_train(validated, features, from_dict(cfg), out_dir, cache_dir, force)
     return _done(result, record, "trained heads")
@@ -100,7 +104,7 @@ def train_task(validated: dict, features: dict, cfg: dict, out_dir: str, cache_d
 
 @task(name="evaluate")
 def evaluate_task(trained: dict, out_dir: str, cache_dir: str, force: bool = False):
-    from crossmodal import stages
+    from crossmodal.pipeline import stages
 
     result, record = stages.cached_evaluate(trained, out_dir, cache_dir, force)
     return _done(result, record, "reports")
@@ -109,7 +113,7 @@ def evaluate_task(trained: dict, out_dir: str, cache_dir: str, force: bool = Fal
 @task(name="publish", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def publish_task(cfg: dict, manifest: str, validated_dir: str, train_dir: str, reports_dir: str,
                  summary_path: str, run_name: str, force: bool = False):
-    from crossmodal.publish import publish
+    from crossmodal.registry.publish import publish
 
     summary = publish(from_dict(cfg), manifest, validated_dir, train_dir, reports_dir, summary_path, run_name, force)
     if summary.get("unchanged"):
@@ -180,7 +184,7 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
                          "seconds": seen["seconds"], "version": ml.get("version")}
     summary["work_dir"] = str(run_dir)
     summary["stages"] = stages
-    write_json(run_dir / "stages.json", stages)
+    write_json(run_dir / STAGES_FILE, stages)
     get_run_logger().info("stages: %s", ", ".join(f"{k} {'cached' if v['cached'] else 'computed'} "
                                                   f"({v['seconds']:.2f} s)" for k, v in stages.items()))
     return summary

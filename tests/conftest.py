@@ -20,11 +20,14 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="crossmodal-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 
-import crossmodal  # noqa: F401  (offline, quiet environment defaults)
-from prefect.logging.configuration import setup_logging
+from crossmodal.environment import set_env_defaults  # noqa: E402
+
+set_env_defaults()  # the offline, quiet defaults, before Prefect reads its settings
+
+from prefect.logging.configuration import setup_logging  # noqa: E402
 
 setup_logging()  # bind Prefect's console handler to the session's stderr now, not to a CliRunner's closed stream
-from crossmodal.config import Config, from_dict
+from crossmodal.config import Config, from_dict  # noqa: E402
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -72,7 +75,7 @@ def prefect_api():
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo dataset at test size (120 rows + the deliberately broken ones)."""
-    from crossmodal.data import generate_demo
+    from crossmodal.data.demo import generate_demo
 
     root = tmp_path_factory.mktemp("demo")
     cfg = tiny_config(root)
@@ -83,10 +86,10 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, demo_dir) -> dict:
     """validate -> extract -> train -> evaluate on the tiny demo data, once per session; returns the paths."""
-    from crossmodal.evaluate import evaluate_all
-    from crossmodal.extract import extract_features
-    from crossmodal.train import train_all
-    from crossmodal.validate import validate_manifest
+    from crossmodal.evaluation.evaluate import evaluate_all
+    from crossmodal.features.extract import extract_features
+    from crossmodal.training.train import train_all
+    from crossmodal.validation.validate import validate_manifest
 
     root = tmp_path_factory.mktemp("run")
     cfg = tiny_config(root)

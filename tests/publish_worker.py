@@ -63,15 +63,14 @@ def main() -> None:
     job = json.loads(args.job.read_text())
 
     import mlflow
-
-    from crossmodal import promotion
     from crossmodal.config import from_dict
-    from crossmodal.publish import publish
+    from crossmodal.registry import promotion
+    from crossmodal.registry.publish import publish
 
     if args.kill_at == "register":
         mlflow.register_model = _kill_after(mlflow.register_model)
     elif args.kill_at == "aliases":
-        promotion._move_aliases = _kill_before(promotion._move_aliases)
+        promotion.set_aliases = _kill_before(promotion.set_aliases)
     if args.barrier:
         promotion.register_and_gate = _barrier(promotion.register_and_gate, args.barrier, args.parties)
     summary = publish(from_dict(job["cfg"]), job["manifest"], job["validated_dir"], job["models"], job["reports"],

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from crossmodal import tracking
-from crossmodal.publish import publish
+import mlflow
+from crossmodal.registry import tracking
+from crossmodal.registry.publish import publish
 
 SECRETS = ("hunter2", "SIGSECRET", "TOKSECRET", "rootpass", "ROOTTOK")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".cloudpickle")

@@ -1,11 +1,11 @@
-"""Mini-batch indices for training (crossmodal.train.BatchStream): plain shuffled passes on small data,
+"""Mini-batch indices for training (crossmodal.training.loop.BatchStream): plain shuffled passes on small data,
 fixed-size epochs with larger batches on large data."""
 
 from __future__ import annotations
 
 import torch
 
-from crossmodal.train import BatchStream
+from crossmodal.training.loop import BatchStream
 
 
 def test_small_training_sets_get_one_shuffled_pass_per_epoch():

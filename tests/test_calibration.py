@@ -8,13 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal.evaluate import (
-    apply_temperature,
-    expected_calibration_error,
-    fit_temperature,
-    reliability_bins,
-    temperature_nll,
-)
+from crossmodal.evaluation.calibration import apply_temperature, fit_temperature, temperature_nll
+from crossmodal.evaluation.metrics import expected_calibration_error, reliability_bins
 
 
 def synthetic(n: int, accuracy: float, confidence: float, seed: int, classes: int = 3):
@@ -65,7 +60,8 @@ def test_reliability_bins_match_the_ece():
 
 def test_registered_pyfunc_returns_calibrated_probabilities(tiny_run, mlflow_store, tmp_path):
     import mlflow
-    from crossmodal.model import FusedModel, log_model, save_model_dir
+    from crossmodal.serving.fused_model import FusedModel
+    from crossmodal.serving.package import log_model, save_model_dir
 
     metrics = tiny_run["metrics"]
     head = metrics["registered_head"]

@@ -1,5 +1,5 @@
 """Two training runs finishing at once against one store: both finish, and the champion is decided by one gate at a
-time (crossmodal.promotion.gate_lock), so the second gate compares against the first gate's outcome.
+time (crossmodal.registry.promotion.gate_lock), so the second gate compares against the first gate's outcome.
 
 Two real processes run the real ``publish`` (log the run, register, gate) on one temporary SQLite store; a barrier
 file makes them enter the gate at the same moment. Without the lock both would see "no champion yet" and both
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from crossmodal import promotion
+from crossmodal.registry import promotion
 
 REPO = Path(__file__).resolve().parents[1]
 

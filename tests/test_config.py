@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal.config import Config, ConfigError, load_config
+from crossmodal.config import Config, load_config
+from crossmodal.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

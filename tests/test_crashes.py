@@ -1,7 +1,7 @@
 """Crashes: a run that dies during training or registration leaves no registered version and no moved alias; an
 unreachable tracking server ends in one clear error after MLflow's retries.
 
-Registration writes in an order that makes partial states harmless (see crossmodal.promotion): a version is
+Registration writes in an order that makes partial states harmless (see crossmodal.registry.promotion): a version is
 registered ``pending``, decided, and only then do aliases move (``champion`` last). A process killed before the
 decision leaves a pending version nothing points at, which the next gate deletes; killed after it, the next gate
 finishes the alias moves. The default run injects the faults in-process; the slow tests SIGKILL a real process.
@@ -20,14 +20,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from crossmodal import promotion
-from crossmodal.model import log_model
+import mlflow
+from crossmodal.registry import promotion
+from crossmodal.serving.package import log_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_next_gate_cleans_up_after_a_hard_kill(tiny_run, mlflow_store):
 def test_gate_lock_serialises_processes(tmp_path):
     """Two processes take the gate lock of one store at once: their critical sections never overlap."""
     code = (
-        "import sys, time, json; from crossmodal.promotion import gate_lock\n"
+        "import sys, time, json; from crossmodal.registry.promotion import gate_lock\n"
         "with gate_lock(sys.argv[1], 60):\n"
         "    t0 = time.time(); time.sleep(1.0); t1 = time.time()\n"
         "print(json.dumps([t0, t1]))\n"

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from crossmodal.config import DemoConfig
-from crossmodal.data import demo, generate_demo
+from crossmodal.data import demo
+from crossmodal.data.demo import generate_demo
 
 
 def _rows(manifest):

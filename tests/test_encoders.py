@@ -7,15 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossmodal.encoders import (
-    EncoderUnavailable,
-    UnknownEncoder,
-    canonical_name,
-    load_image_encoder,
-    load_text_encoder,
-)
+from crossmodal.data.images import image_to_tensor
 from crossmodal.encoders.image import lite0_weights_path
-from crossmodal.preprocess import image_to_tensor
+from crossmodal.encoders.registry import canonical_name, load_image_encoder, load_text_encoder
+from crossmodal.errors import EncoderUnavailable, UnknownEncoder
 
 PALACE = 698  # ImageNet-1k class index of "palace"
 

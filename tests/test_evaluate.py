@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
-from crossmodal.evaluate import comparison_table, compute_metrics, evaluate_all
-from crossmodal.train import train_all
+from crossmodal.evaluation.evaluate import evaluate_all
+from crossmodal.evaluation.metrics import compute_metrics
+from crossmodal.evaluation.tables import comparison_table
+from crossmodal.training.train import train_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,15 +23,18 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmodal import extract
 from crossmodal.config import EncodersConfig
-from crossmodal.encoders import IMAGE_ENCODERS, ImageEncoder
-from crossmodal.extract import FeatureError, FeatureExtractor, extract_features
+from crossmodal.encoders.image import ImageEncoder
+from crossmodal.encoders.registry import IMAGE_ENCODERS
+from crossmodal.errors import FeatureError
+from crossmodal.features import extract
+from crossmodal.features.extract import extract_features
+from crossmodal.features.extractor import FeatureExtractor
 
 ROWS, CHUNK = 24, 4
 TINY = textwrap.dedent("""
     import time, torch
-    from crossmodal.encoders import ImageEncoder
+    from crossmodal.encoders.image import ImageEncoder
 
     class Tiny(torch.nn.Module):
         def __init__(self, delay=0.0):
@@ -75,7 +78,7 @@ def table(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    from crossmodal.encoders import load_text_encoder
+    from crossmodal.encoders.registry import load_text_encoder
 
     return load_text_encoder("all-MiniLM-L6-v2", "cpu")
 
@@ -108,8 +111,8 @@ def test_killed_run_resumes_from_finished_chunks(table, tmp_path, fx, reference)
     script.write_text(TINY + textwrap.dedent(f"""
         import functools, json, sys
         from crossmodal.config import EncodersConfig
-        from crossmodal.encoders import IMAGE_ENCODERS
-        from crossmodal.extract import extract_features
+        from crossmodal.encoders.registry import IMAGE_ENCODERS
+        from crossmodal.features.extract import extract_features
         IMAGE_ENCODERS["tiny_test"] = functools.partial(tiny_encoder, delay=0.4)
         cfg = EncodersConfig.model_validate(json.loads(sys.argv[1]))
         extract_features({str(table)!r}, cfg, {str(cache)!r}, progress=False, chunk_rows={CHUNK})
@@ -152,7 +155,7 @@ def test_killed_run_resumes_from_finished_chunks(table, tmp_path, fx, reference)
 
 def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_path, fx, reference, monkeypatch):
     cache = tmp_path / "cache"
-    real, calls = extract._write_chunk, []
+    real, calls = extract.write_chunk, []
 
     def disk_fills_up(path, arr):
         if len(calls) == 3:
@@ -160,7 +163,7 @@ def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_pa
         calls.append(path)
         real(path, arr)
 
-    monkeypatch.setattr(extract, "_write_chunk", disk_fills_up)
+    monkeypatch.setattr(extract, "write_chunk", disk_fills_up)
     with pytest.raises(FeatureError) as info:
         extract_features(table, _cfg(), cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     message = str(info.value)
@@ -168,7 +171,7 @@ def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_pa
     assert len(_chunks(cache)) == 3 and not _tmp_files(cache)
     assert not list((cache / "image").glob("*.npy"))
 
-    monkeypatch.setattr(extract, "_write_chunk", real)
+    monkeypatch.setattr(extract, "write_chunk", real)
     seen = fx.image_encoder.module.seen
     result = extract_features(table, _cfg(), cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     assert fx.image_encoder.module.seen - seen == ROWS - 3 * CHUNK

@@ -66,7 +66,7 @@ def test_a_network_not_defined_in_run_order_is_returned_unchanged():
 
 
 def test_the_shipped_encoder_folds_and_gives_the_same_features():
-    from crossmodal.encoders import load_image_encoder
+    from crossmodal.encoders.registry import load_image_encoder
 
     enc = load_image_encoder("efficientnet_lite0", "cpu")
     folded, count = fold_batchnorm(enc.module)
@@ -78,7 +78,7 @@ def test_the_shipped_encoder_folds_and_gives_the_same_features():
 
 def test_the_extractor_runs_the_folded_copy_and_keeps_the_encoder_intact():
     from crossmodal.config import EncodersConfig
-    from crossmodal.embed import FeatureExtractor
+    from crossmodal.features.extractor import FeatureExtractor
 
     fx = FeatureExtractor(EncodersConfig(device="cpu", precision="fp32"))
     assert any(isinstance(m, nn.BatchNorm2d) for m in fx.image_encoder.module.modules())
@@ -99,7 +99,7 @@ def test_resize_computes_what_pillow_computes():
     import numpy as np
     from PIL import Image
 
-    from crossmodal.preprocess import image_to_tensor
+    from crossmodal.data.images import image_to_tensor
 
     def pillow(img, size):
         w, h = img.size
@@ -132,8 +132,9 @@ def test_the_cpu_thread_pipeline_gives_every_row_in_order_and_names_a_bad_image(
     from PIL import Image
 
     from crossmodal.config import EncodersConfig
-    from crossmodal.embed import FeatureExtractor, cpu_threads
-    from crossmodal.preprocess import ImageError
+    from crossmodal.data.images import ImageError
+    from crossmodal.features.extractor import FeatureExtractor
+    from crossmodal.hardware import cpu_threads
 
     rng = np.random.default_rng(0)
     paths = []

@@ -7,15 +7,18 @@ One interrupted-then-resumed run on the tiny demo data (2 epochs, 64 px, a few d
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from crossmodal import finetune, xattn
+import mlflow
 from crossmodal.config import EncodersConfig
-from crossmodal.model import FinetunedFusedModel, FusedModel, PredictionInputError, log_model, save_model_dir
+from crossmodal.errors import PredictionInputError
+from crossmodal.heads import xattn
+from crossmodal.serving.fused_model import FinetunedFusedModel, FusedModel
+from crossmodal.serving.package import log_model, save_model_dir
+from crossmodal.training import finetune
 from tests.conftest import tiny_config
 
 
@@ -156,6 +159,16 @@ def test_modality_dropout_never_drops_both():
     assert 0.3 < img.float().mean() < 0.5 and 0.3 < txt.float().mean() < 0.5
 
 
+def test_modality_dropout_never_hides_the_only_modality_a_row_has():
+    n = 10_000
+    image_missing, text_missing = torch.arange(n) % 4 == 0, torch.arange(n) % 4 == 1
+    img, txt = finetune.modality_dropout_masks(n, 0.4, torch.Generator().manual_seed(0), image_missing, text_missing)
+    assert not (img & text_missing).any() and not (txt & image_missing).any()
+    assert not (img & txt).any()
+    both = ~(image_missing | text_missing)  # rows with both modalities lose one at the usual rate
+    assert 0.3 < img[both].float().mean() < 0.5 and 0.3 < txt[both].float().mean() < 0.5
+
+
 def test_served_model_predicts_from_raw_rows_and_absent_modalities(resumed_run, tmp_path):
     r = resumed_run
     folder = save_model_dir(r["models"], "finetune_xattn", r["cfg"].encoders, tmp_path / "m")
@@ -199,8 +212,8 @@ def test_pyfunc_logs_and_predicts_on_raw_rows(resumed_run, mlflow_store):
 
 
 def test_train_all_runs_finetune_last_and_skips_it_when_disabled(tiny_run, tmp_path):
-    from crossmodal.extract import extract_features
-    from crossmodal.train import train_all
+    from crossmodal.features.extract import extract_features
+    from crossmodal.training.train import train_all
 
     cfg = tiny_run["cfg"]
     feats = extract_features(tiny_run["validated_dir"] / "validated.parquet", cfg.encoders, cfg.paths.cache)
@@ -220,7 +233,7 @@ def test_no_finetune_cli_option(tiny_run, tmp_path):
     from typer.testing import CliRunner
 
     from crossmodal.cli import app
-    from crossmodal.extract import extract_features
+    from crossmodal.features.extract import extract_features
 
     cfg = tiny_run["cfg"]
     extract_features(tiny_run["validated_dir"] / "validated.parquet", cfg.encoders, cfg.paths.cache,

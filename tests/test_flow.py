@@ -61,7 +61,7 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch):
 
 
 def test_flow_stops_on_bad_data_with_clear_error(prefect_api, tmp_path):
-    from crossmodal.data import DataError
+    from crossmodal.errors import DataError
     from flows.training import training_flow
 
     cfg = tiny_config(tmp_path)
@@ -146,8 +146,7 @@ def test_user_errors_are_logged_without_traceback():
     import sys
 
     import flows.training  # noqa: F401  (installs the filter)
-    from crossmodal.errors import HideUserErrorTracebacks
-    from crossmodal.validate import ValidationFailed
+    from crossmodal.errors import HideUserErrorTracebacks, ValidationFailed
 
     logger = logging.getLogger("prefect.task_runs")
     assert any(isinstance(f, HideUserErrorTracebacks) for f in logger.filters)

@@ -117,7 +117,7 @@ def test_force_recomputes_every_stage(cold):
 
 
 def test_untrusted_cache_entry_is_recomputed(cold):
-    from crossmodal.stagecache import ENTRY_FILE
+    from crossmodal.artifacts import ENTRY_FILE
 
     out = cold["run"]()
     assert all(_cached(out).values())

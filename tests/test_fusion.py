@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
-from crossmodal.fusion import HEADS, Standardize, build_head, fit_standardizers
-from crossmodal.fusion.attention import NUM_HEADS, model_dim_for
-from crossmodal.train import TrainError, load_head, save_head
+from crossmodal.errors import TrainError
+from crossmodal.heads.attention import NUM_HEADS, model_dim_for
+from crossmodal.heads.common import Standardize
+from crossmodal.heads.files import load_head, save_head
+from crossmodal.heads.registry import HEADS, build_head, fit_standardizers
 
 DI, DT = 20, 12
 MODULE_HEADS = tuple(HEADS)  # the nn.Module heads; traditional baselines are scikit-learn models

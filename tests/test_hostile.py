@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from crossmodal.config import from_dict
-from crossmodal.data import read_manifest
-from crossmodal.preprocess import load_image
-from crossmodal.validate import validate_manifest
+from crossmodal.data.images import load_image
+from crossmodal.data.manifest import read_manifest
+from crossmodal.validation.validate import validate_manifest
 from tests import hostile
 from tests.hostile import CLEAN_TEXT, EXPECTED_PIXELS, ROW_CASES
 
@@ -93,7 +93,7 @@ def test_bomb_refused_before_decoding(tmp_path):
     import time
     import tracemalloc
 
-    from crossmodal.preprocess import ImageError
+    from crossmodal.data.images import ImageError
 
     data = hostile.png_bomb(10_000, 10_000)
     assert len(data) < 1000
@@ -115,7 +115,7 @@ def test_megabyte_text_kept_when_allowed_and_truncation_warned_once(tmp_path, ca
         rows[k]["text"] = hostile.MEGABYTE_TEXT if k == 0 else "word " * 60  # 3 texts over 32 tokens
     manifest = root / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with caplog.at_level(logging.WARNING, logger="crossmodal.validate"):
+    with caplog.at_level(logging.WARNING, logger="crossmodal.validation.validate"):
         res = validate_manifest(manifest, _cfg(max_text_chars=2_000_000), tmp_path / "out")
     q, v = _outcome(res, tmp_path / "out")
     assert res.rows_kept == 12 and len(v.loc[v["id"] == "good0", "text"].item()) > 999_000
@@ -127,7 +127,7 @@ def test_megabyte_text_kept_when_allowed_and_truncation_warned_once(tmp_path, ca
 def test_megabyte_text_is_truncated_by_the_tokenizer():
     """The features path accepts the 1 MB caption: the tokenizer keeps max_length tokens."""
     from crossmodal.config import EncodersConfig
-    from crossmodal.embed import FeatureExtractor
+    from crossmodal.features.extractor import FeatureExtractor
 
     ext = FeatureExtractor(EncodersConfig.model_validate({"text": {"max_length": 32}}))
     feats = ext.embed_texts([hostile.MEGABYTE_TEXT, hostile.MEGABYTE_TEXT[:200]])
@@ -137,12 +137,12 @@ def test_megabyte_text_is_truncated_by_the_tokenizer():
 
 def test_exif_rotation_applied_in_the_features_path():
     """preprocess.load_image is shared: the extractor sees the rotated photo upright, exactly like validation."""
-    from crossmodal.config import EncodersConfig
-    from crossmodal.embed import FeatureExtractor
-
     import io
 
     from PIL import Image
+
+    from crossmodal.config import EncodersConfig
+    from crossmodal.features.extractor import FeatureExtractor
 
     stored, _ = hostile.exif_rotated_jpeg()
     with Image.open(io.BytesIO(stored)) as raw:
@@ -200,7 +200,7 @@ def test_nul_byte_in_a_csv_caption_is_stripped(tmp_path):
 
 def test_many_rows_sharing_images_decode_each_file_once(tmp_path, monkeypatch):
     """20,000 rows over 50 files: each file is decoded once, and nothing is lost."""
-    from crossmodal import rowchecks
+    from crossmodal.validation import rows as rowchecks
 
     calls = []
     real = rowchecks.decode_image

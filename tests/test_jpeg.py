@@ -1,4 +1,4 @@
-"""Batched JPEG decoding on a device (crossmodal.jpeg) gives the pixels of the Pillow path.
+"""Batched JPEG decoding on a device (crossmodal.features.jpeg) gives the pixels of the Pillow path.
 
 The arithmetic is the same on every device, so most of it is checked here on the CPU; the test that runs nvJPEG
 on a GPU is skipped where there is no CUDA.
@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from crossmodal.config import EncodersConfig
-from crossmodal.embed import FeatureExtractor
-from crossmodal.encoders import ImageEncoder
-from crossmodal.jpeg import decode_resize, gpu_ready_jpeg, resized_shape
-from crossmodal.preprocess import ImageError, image_to_tensor, load_image
+from crossmodal.data.images import ImageError, image_to_tensor, load_image
+from crossmodal.encoders.image import ImageEncoder
+from crossmodal.features.extractor import FeatureExtractor
+from crossmodal.features.jpeg import decode_resize, gpu_ready_jpeg, resized_shape
 
 SIZES = [(500, 375), (375, 500), (640, 480), (224, 224), (301, 199), (100, 80)]
 

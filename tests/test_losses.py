@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from crossmodal.config import ConfigError, TrainConfig, from_dict
-from crossmodal.fusion import build_head, fit_standardizers
-from crossmodal.losses import FocalLoss, make_criterion
-from crossmodal.modality import ModalityBalancer, encoder_parameters, ogm_coefficients
-from crossmodal.train import SplitFeatures, train_head
+from crossmodal.config import TrainConfig, from_dict
+from crossmodal.errors import ConfigError
+from crossmodal.heads.registry import build_head, fit_standardizers
+from crossmodal.training.dataset import SplitFeatures
+from crossmodal.training.loop import train_head
+from crossmodal.training.losses import FocalLoss, make_criterion
+from crossmodal.training.modality import ModalityBalancer, encoder_parameters, ogm_coefficients
 
 FAST = dict(hidden_dim=32, dropout=0.1, lr=1e-2, batch_size=64, max_epochs=6, patience=10)
 
@@ -141,7 +143,7 @@ def test_aux_loss_adds_unimodal_terms_and_is_logged():
 
 
 def test_unimodal_logits_use_the_training_mean_for_the_other_modality():
-    from crossmodal.modality import unimodal_logits
+    from crossmodal.training.modality import unimodal_logits
 
     head = build_head("concat", 8, 6, 2, TrainConfig(hidden_dim=16)).eval()
     rng = np.random.default_rng(0)
@@ -157,8 +159,8 @@ def test_unimodal_logits_use_the_training_mean_for_the_other_modality():
 def test_modality_contribution_reaches_mlflow_per_epoch(mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from crossmodal import tracking
-    from crossmodal.train import save_head
+    from crossmodal.heads.files import save_head
+    from crossmodal.registry import tracking
 
     data = imbalanced_modalities(n=200)
     head, history = train_head("gated", data, TrainConfig(**{**FAST, "max_epochs": 3},
@@ -168,7 +170,7 @@ def test_modality_contribution_reaches_mlflow_per_epoch(mlflow_store, tmp_path):
     client = MlflowClient()
     experiment = client.create_experiment("ogm")
     parent = client.create_run(experiment).info.run_id
-    rid = tracking._log_head_run(client, experiment, parent, "gated", head_dir, tmp_path / "reports", {})
+    rid = tracking.log_head_run(client, experiment, parent, "gated", head_dir, tmp_path / "reports", {})
     for key in ("score_image", "score_text", "ratio_image_text", "coeff_image", "coeff_text"):
         logged = client.get_metric_history(rid, f"epoch_{key}")
         assert [m.step for m in logged] == [0, 1, 2]

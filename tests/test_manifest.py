@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from crossmodal.config import Columns
-from crossmodal.data import CANONICAL, DataError, read_manifest
+from crossmodal.data.manifest import CANONICAL, read_manifest
+from crossmodal.errors import DataError
 from tests.data_fixtures import write_csv, write_jsonl, write_parquet
 
 ROWS = [

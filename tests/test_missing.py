@@ -5,7 +5,6 @@ evaluation reports robustness and attribution, and the served model explains its
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +13,16 @@ import pytest
 import torch
 
 from crossmodal.config import TrainConfig, from_dict
-from crossmodal.evaluate import attribution_summary, compute_metrics, robustness_table
-from crossmodal.fusion import HEADS, Standardize, build_head, fill_missing, fit_standardizers
-from crossmodal.train import (
-    SplitFeatures,
-    TrainError,
-    modality_dropout,
-    predict_proba,
-    train_all,
-    train_head,
-    without,
-)
-from crossmodal.validate import validate_manifest
+from crossmodal.errors import TrainError
+from crossmodal.evaluation.metrics import attribution_summary, compute_metrics
+from crossmodal.evaluation.tables import robustness_table
+from crossmodal.heads.common import Standardize, fill_missing
+from crossmodal.heads.inference import predict_proba, without
+from crossmodal.heads.registry import HEADS, build_head, fit_standardizers
+from crossmodal.training.dataset import SplitFeatures
+from crossmodal.training.loop import modality_dropout, train_head
+from crossmodal.training.train import train_all
+from crossmodal.validation.validate import validate_manifest
 from tests.data_fixtures import good_rows, write_csv
 
 # ---------------------------------------------------------------- validation
@@ -78,7 +75,7 @@ def test_validation_keeps_absent_modalities_only_when_allowed(gappy_manifest, tm
 
 
 def test_unknown_allow_missing_value_is_a_config_error():
-    from crossmodal.config import ConfigError
+    from crossmodal.errors import ConfigError
 
     with pytest.raises(ConfigError, match="validation.allow_missing"):
         from_dict({"validation": {"allow_missing": "both"}})
@@ -90,8 +87,8 @@ def test_unknown_allow_missing_value_is_a_config_error():
 
 
 def test_absent_inputs_are_never_encoded(gappy_manifest, tmp_path, monkeypatch):
-    from crossmodal import embed
-    from crossmodal.extract import extract_features
+    from crossmodal.features import extractor as embed
+    from crossmodal.features.extract import extract_features
 
     cfg = from_dict({"validation": {"max_quarantine_fraction": 0.9, "allow_missing": "either"},
                      "encoders": {"image": {"image_size": 64}, "text": {"max_length": 32}}})
@@ -119,7 +116,7 @@ def test_absent_inputs_are_never_encoded(gappy_manifest, tmp_path, monkeypatch):
     assert np.isnan(img[no_img]).all() and np.isfinite(img[~no_img]).all()
     assert np.isnan(txt[no_txt]).all() and np.isfinite(txt[~no_txt]).all()
     # The absent rows are part of the cache key: the same table with those rows complete is another entry.
-    from crossmodal.extract import feature_keys
+    from crossmodal.features.extract import feature_keys
 
     filled = df.assign(text=df["text"].fillna("something"))
     assert feature_keys(filled, cfg.encoders, "fp32")["text"] != feature_keys(df, cfg.encoders, "fp32")["text"]
@@ -295,13 +292,12 @@ def test_evaluation_reports_robustness_and_attribution(tiny_run):
 
 def test_pyfunc_predicts_from_one_modality_and_explains_on_request(tiny_run, mlflow_store):
     import mlflow
-
-    from crossmodal import model as fused
+    from crossmodal.serving import package
 
     frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
     test = frame[frame["split"] == "test"].reset_index(drop=True)
     with mlflow.start_run():
-        info = fused.log_model(tiny_run["models"], "gated", tiny_run["cfg"], test)
+        info = package.log_model(tiny_run["models"], "gated", tiny_run["cfg"], test)
     assert info.signature.params.to_dict()[0]["name"] == "attribution"
     model = mlflow.pyfunc.load_model(info.model_uri)
     image_bytes = [Path(test["image"][0]).read_bytes(), None, Path(test["image"][2]).read_bytes()]
@@ -324,7 +320,9 @@ def test_pyfunc_predicts_from_one_modality_and_explains_on_request(tiny_run, mlf
 
 
 def test_fused_model_rejects_rows_with_nothing(tiny_run, tmp_path):
-    from crossmodal.model import FusedModel, PredictionInputError, save_model_dir
+    from crossmodal.errors import PredictionInputError
+    from crossmodal.serving.fused_model import FusedModel
+    from crossmodal.serving.package import save_model_dir
 
     model = FusedModel.load(save_model_dir(tiny_run["models"], "concat", tiny_run["cfg"].encoders, tmp_path / "m"))
     with pytest.raises(PredictionInputError, match=r"row 1: no image and no text"):
@@ -337,8 +335,8 @@ def test_fused_model_rejects_rows_with_nothing(tiny_run, tmp_path):
 def test_demo_chain_keeps_a_row_without_caption(demo_dir, tmp_path):
     """validate -> extract -> train -> evaluate on the tiny demo with allow_missing=either: its blank-caption
     row is kept, its text features are NaN, and every head is trained and scored with and without each modality."""
-    from crossmodal.evaluate import evaluate_all
-    from crossmodal.extract import extract_features
+    from crossmodal.evaluation.evaluate import evaluate_all
+    from crossmodal.features.extract import extract_features
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tmp_path, validation={"allow_missing": "either"}, train={"modality_dropout": 0.3})

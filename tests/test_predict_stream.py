@@ -8,12 +8,14 @@ import os
 import pandas as pd
 import pytest
 
-from crossmodal import model as fused
-from crossmodal.model import FusedModel, PredictionInputError
+from crossmodal.errors import PredictionInputError
+from crossmodal.serving import fused_model as fused
+from crossmodal.serving import package
+from crossmodal.serving.fused_model import FusedModel
 
 
 def test_batch_prediction_streams_in_chunks(tiny_run, tmp_path, monkeypatch):
-    folder = fused.save_model_dir(tiny_run["models"], "concat", tiny_run["cfg"].encoders, tmp_path / "fused")
+    folder = package.save_model_dir(tiny_run["models"], "concat", tiny_run["cfg"].encoders, tmp_path / "fused")
     rows = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet").head(7)
     fm = FusedModel.load(folder, allowed_image_root=os.path.commonpath(rows["image"].tolist()))
     frame = pd.DataFrame({"image": rows["image"].tolist(), "text": rows["text"].tolist()})

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal.preprocess import ImageError, clean_text, image_to_tensor, load_image
+from crossmodal.data.images import ImageError, image_to_tensor, load_image
+from crossmodal.data.text import clean_text
 from tests.data_fixtures import image_bytes
 
 

@@ -4,15 +4,18 @@ Each test gets its own temporary MLflow store (mlflow_store); the trained heads 
 """
 
 import json
+import subprocess
 
-import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from crossmodal import promotion, tracking
-from crossmodal.model import FusedModel, PredictionInputError, save_model_dir
-from crossmodal.publish import model_fingerprint, publish, render
+import mlflow
+from crossmodal.errors import PredictionInputError, PromotionError
+from crossmodal.registry import promotion, tracking
+from crossmodal.registry.publish import model_fingerprint, publish, render
+from crossmodal.serving.fused_model import FusedModel
+from crossmodal.serving.package import save_model_dir
 
 
 def _test_rows(tiny_run):
@@ -116,7 +119,7 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
 
 
 def _register_head(tiny_run, head, name, tmp_path):
-    from crossmodal.model import log_model
+    from crossmodal.serving.package import log_model
 
     with mlflow.start_run():
         info = log_model(tiny_run["models"], head, tiny_run["cfg"], _test_rows(tiny_run))
@@ -144,10 +147,10 @@ def test_gate_promotes_only_a_real_improvement_and_rollback(tiny_run, mlflow_sto
     assert not third.promoted and third.delta < 0 and promotion.current_champion(name) == strong
 
     assert promotion.rollback(name) == weak and promotion.current_champion(name) == weak
-    with pytest.raises(promotion.PromotionError, match="no earlier champion"):
+    with pytest.raises(PromotionError, match="no earlier champion"):
         promotion.rollback(name)
     assert promotion.promote(name, strong) == strong and promotion.current_champion(name) == strong
-    with pytest.raises(promotion.PromotionError, match="cannot promote"):
+    with pytest.raises(PromotionError, match="cannot promote"):
         promotion.promote(name, 99)
 
 
@@ -165,12 +168,18 @@ def test_tracking_helpers(tmp_path, monkeypatch):
 
 
 def test_lineage_helpers(tmp_path, monkeypatch):
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    commit = tracking.git_commit(root)
-    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
     assert tracking.git_commit(tmp_path) is None  # not a git repository
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    assert tracking.git_commit(repo) is None  # a repository without a commit
+    (repo / "f.txt").write_text("x")
+    subprocess.run([*git, "add", "f.txt"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    assert tracking.git_commit(repo) == head.stdout.strip() and len(head.stdout.strip()) == 40
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shop").mkdir()
@@ -185,7 +194,7 @@ def test_lineage_helpers(tmp_path, monkeypatch):
 def test_identical_model_registers_once_even_when_two_runs_race(tiny_run, mlflow_store):
     """The unchanged check is repeated under the gate lock: a run that logged while an identical run registered
     finds that version and registers nothing; with reuse_identical False (--force) it registers."""
-    from crossmodal.model import log_model
+    from crossmodal.serving.package import log_model
 
     name, cfg = "race-test", tiny_run["cfg"].promotion
     with mlflow.start_run():

@@ -16,7 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from crossmodal.model import FusedModel, PredictionInputError, save_model_dir
+from crossmodal.errors import PredictionInputError
+from crossmodal.serving.fused_model import FusedModel
+from crossmodal.serving.package import save_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import serve_load  # noqa: E402

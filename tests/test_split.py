@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from crossmodal.config import SplitConfig
-from crossmodal.data import assign_splits, normalize_split
+from crossmodal.data.split import assign_splits, normalize_split
 
 
 def frame(n: int = 600, n_groups: int = 120, labels=("a", "b", "c")) -> pd.DataFrame:

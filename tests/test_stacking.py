@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from crossmodal import train as T
 from crossmodal.config import TrainConfig
-from crossmodal.fusion.stacking import (
-    fold_assignment,
-    folds_to_predict,
-    out_of_fold_probabilities,
-    train_stacking,
-)
-from crossmodal.train import SplitFeatures, load_head, predict_proba, train_all
+from crossmodal.data.split import SPLITS
+from crossmodal.heads.files import load_head
+from crossmodal.heads.inference import predict_proba
+from crossmodal.training import loop, stacking
+from crossmodal.training.dataset import SplitFeatures
+from crossmodal.training.stacking import fold_assignment, folds_to_predict, out_of_fold_probabilities, train_stacking
+from crossmodal.training.train import train_all
 
 FAST = dict(hidden_dim=16, dropout=0.1, lr=1e-2, batch_size=64, max_epochs=8, patience=4)
 
@@ -58,13 +57,13 @@ def test_fold_assignment_is_stratified_balanced_and_seeded():
 def train_calls(monkeypatch):
     """Every train_head call as (head name, ids it trained on, ids it predicts), in call order."""
     calls = []
-    real = T.train_head
+    real = loop.train_head
 
     def spy(name, data, cfg, num_classes):
         calls.append((name, set(data.ids["train"]), list(data.ids["test"])))
         return real(name, data, cfg, num_classes)
 
-    monkeypatch.setattr(T, "train_head", spy)
+    monkeypatch.setattr(stacking, "train_head", spy)  # the name the fold fitting calls
     return calls
 
 
@@ -121,9 +120,9 @@ def test_stacking_combines_complementary_modalities(task, meta):
     head, history = train_stacking(task, cfg, 3)
     f1 = {}
     for name in ("image_only", "text_only"):
-        uni, _ = T.train_head(name, task, cfg, 3)
-        f1[name] = T.macro_f1(task.y["test"], predict_proba(uni, task.image["test"], task.text["test"]).argmax(1))
-    stacked = T.macro_f1(task.y["test"], predict_proba(head, task.image["test"], task.text["test"]).argmax(1))
+        uni, _ = loop.train_head(name, task, cfg, 3)
+        f1[name] = loop.macro_f1(task.y["test"], predict_proba(uni, task.image["test"], task.text["test"]).argmax(1))
+    stacked = loop.macro_f1(task.y["test"], predict_proba(head, task.image["test"], task.text["test"]).argmax(1))
     assert stacked > 0.85 and stacked > max(f1.values()) + 0.15, (stacked, f1)
     (row,) = history
     assert {"train_loss", "val_loss", "val_macro_f1", "oof_macro_f1_image", "oof_macro_f1_text"} <= set(row)
@@ -132,14 +131,14 @@ def test_stacking_combines_complementary_modalities(task, meta):
 def test_stacking_is_saved_as_safetensors_and_loads_back(tmp_path, task):
     import pandas as pd
 
-    n = sum(len(task.y[s]) for s in T.SPLITS)
-    split = np.concatenate([[s] * len(task.y[s]) for s in T.SPLITS])
+    n = sum(len(task.y[s]) for s in SPLITS)
+    split = np.concatenate([[s] * len(task.y[s]) for s in SPLITS])
     labels = ["a", "b", "c"]
-    y = np.concatenate([task.y[s] for s in T.SPLITS])
+    y = np.concatenate([task.y[s] for s in SPLITS])
     pd.DataFrame({"id": [f"r{i}" for i in range(n)], "label": [labels[k] for k in y], "split": split}).to_parquet(
         tmp_path / "validated.parquet")
-    np.save(tmp_path / "image.npy", np.concatenate([task.image[s] for s in T.SPLITS]))
-    np.save(tmp_path / "text.npy", np.concatenate([task.text[s] for s in T.SPLITS]))
+    np.save(tmp_path / "image.npy", np.concatenate([task.image[s] for s in SPLITS]))
+    np.save(tmp_path / "text.npy", np.concatenate([task.text[s] for s in SPLITS]))
     cfg = TrainConfig(**FAST, heads=["image_only", "text_only", "stacking"], stacking={"folds": 3, "meta": "mlp"})
     train_all(tmp_path / "validated.parquet", tmp_path / "image.npy", tmp_path / "text.npy", cfg, tmp_path / "out")
 

@@ -1,4 +1,4 @@
-"""The stage cache's store (crossmodal.stagecache) and the keys of the cached stages (crossmodal.stages).
+"""The stage cache's store (crossmodal.pipeline.cache) and the keys of the cached stages (crossmodal.pipeline.stages).
 
 An entry is trusted only when complete and unchanged: a folder killed half-way, an entry without its entry.json, a
 truncated or edited file are misses. Keys change with what the stage reads, and only with that.
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal import stagecache, stages
-from crossmodal.stagecache import ENTRY_FILE, StageCache, tmp_name
+from crossmodal import files
+from crossmodal.artifacts import ENTRY_FILE
+from crossmodal.pipeline import stages
+from crossmodal.pipeline.cache import StageCache, tmp_name
 from tests.conftest import tiny_config
 
 KEY = "ab" * 32
@@ -113,7 +115,7 @@ def test_a_valid_entry_is_kept_unless_replaced(tmp_path):
 # ----------------------------------------------------------------------------- the keys
 @pytest.fixture
 def small_data(tmp_path):
-    from crossmodal.data import generate_demo
+    from crossmodal.data.demo import generate_demo
 
     cfg = tiny_config(tmp_path, demo={"rows": 60, "image_size": 32, "bad_rows": False})
     generate_demo(tmp_path / "data", cfg.demo)
@@ -181,24 +183,24 @@ def test_code_version_changes_with_any_source_file(tmp_path, monkeypatch):
     copy = tmp_path / "crossmodal"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(crossmodal, "__file__", str(copy / "__init__.py"))
-    stagecache.code_version.cache_clear()
+    files.code_version.cache_clear()
     try:
-        base = stagecache.code_version()
+        base = files.code_version()
         (copy / "__pycache__").mkdir(exist_ok=True)
         (copy / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"compiled")  # not source
-        stagecache.code_version.cache_clear()
-        assert stagecache.code_version() == base
-        (copy / "fusion" / "concat.py").write_text((copy / "fusion" / "concat.py").read_text() + "\n# edited\n")
-        stagecache.code_version.cache_clear()
-        assert stagecache.code_version() != base
+        files.code_version.cache_clear()
+        assert files.code_version() == base
+        (copy / "heads" / "concat.py").write_text((copy / "heads" / "concat.py").read_text() + "\n# edited\n")
+        files.code_version.cache_clear()
+        assert files.code_version() != base
     finally:
-        stagecache.code_version.cache_clear()
+        files.code_version.cache_clear()
 
 
 def test_forced_training_starts_fine_tuning_from_scratch_under_the_same_key(small_data, tmp_path, monkeypatch):
     """--force retrains with train.finetune.resume off (a finished checkpoint would otherwise be reused as is), and
     the forced outputs replace the entry under the key a normal run looks up."""
-    import crossmodal.train
+    import crossmodal.training.train
 
     cfg, _ = small_data
     seen = []
@@ -207,9 +209,9 @@ def test_forced_training_starts_fine_tuning_from_scratch_under_the_same_key(smal
         seen.append(train_cfg.finetune.resume)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "labels.json").write_text(json.dumps([len(seen)]))
-        return crossmodal.train.TrainResult(out_dir=str(out_dir), labels=["a", "b"], heads=["concat"], rows={})
+        return crossmodal.training.train.TrainResult(out_dir=str(out_dir), labels=["a", "b"], heads=["concat"], rows={})
 
-    monkeypatch.setattr(crossmodal.train, "train_all", fake_train_all)
+    monkeypatch.setattr(crossmodal.training.train, "train_all", fake_train_all)
     validated = {"data_hash": "d" * 64, "validated_path": "v.parquet"}
     feats = {"image_key": "i" * 64, "text_key": "t" * 64, "image_path": "i.npy", "text_path": "t.npy"}
     cache = tmp_path / "cache"
@@ -226,8 +228,9 @@ def test_forced_training_starts_fine_tuning_from_scratch_under_the_same_key(smal
 
 def test_a_run_without_a_prefect_server_sends_no_heartbeats(monkeypatch):
     """Heartbeats only matter to a server that outlives the run; without one they cost a second per run."""
-    import flows.training as training
     from prefect.settings import get_current_settings, temporary_settings
+
+    import flows.training as training
 
     seen = []
     monkeypatch.setattr(training, "training_flow", lambda *a: seen.append(get_current_settings().flows.heartbeat_frequency))

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from crossmodal.config import TRADITIONAL_HEADS, TrainConfig
-from crossmodal.evaluate import evaluate_all
-from crossmodal.traditional import hog, image_descriptor
-from crossmodal.train import TrainError, train_all
+from crossmodal.errors import TrainError
+from crossmodal.evaluation.evaluate import evaluate_all
+from crossmodal.training.traditional import hog, image_descriptor
+from crossmodal.training.train import train_all
 
 
 def test_hog_finds_the_gradient_orientation():

@@ -10,19 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from crossmodal.config import ConfigError, TrainConfig, from_dict
-from crossmodal.evaluate import compute_metrics
-from crossmodal.train import (
-    SplitFeatures,
-    TrainError,
-    balanced_class_weights,
-    best_epoch,
-    load_head,
-    make_optimizer,
-    predict_proba,
-    train_all,
-    train_head,
-)
+from crossmodal.config import TrainConfig, from_dict
+from crossmodal.errors import ConfigError, TrainError
+from crossmodal.evaluation.metrics import compute_metrics
+from crossmodal.heads.files import load_head
+from crossmodal.heads.inference import predict_proba
+from crossmodal.training.dataset import SplitFeatures
+from crossmodal.training.loop import balanced_class_weights, best_epoch, make_optimizer, train_head
+from crossmodal.training.train import train_all
 
 FAST = dict(hidden_dim=32, dropout=0.1, lr=1e-2, batch_size=64, max_epochs=60, patience=15)
 

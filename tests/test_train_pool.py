@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal import train_pool
 from crossmodal.config import TrainConfig
-from crossmodal.train import TrainError, train_all
-from crossmodal.train_pool import RemoteTraceback, plan_workers, run_tasks
+from crossmodal.errors import TrainError
+from crossmodal.training import pool as train_pool
+from crossmodal.training.pool import RemoteTraceback, plan_workers, run_tasks
+from crossmodal.training.train import train_all
 
 FAST = dict(hidden_dim=16, dropout=0.1, lr=1e-2, batch_size=32, max_epochs=6, patience=3)
 

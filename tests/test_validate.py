@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from crossmodal.config import DemoConfig, from_dict
-from crossmodal.data import DataError, generate_demo
-from crossmodal.validate import ManifestError, ValidationFailed, validate_manifest
+from crossmodal.data.demo import generate_demo
+from crossmodal.errors import DataError, ManifestError, ValidationFailed
+from crossmodal.validation.validate import validate_manifest
 from tests.data_fixtures import good_rows, image_bytes, write_csv, write_image, write_jsonl
 
 CONTRACT_COLUMNS = ["id", "image", "text", "label", "split", "group", "image_sha256", "_row"]

@@ -17,22 +17,25 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
+
+from crossmodal.artifacts import IMAGE_FEATURES_FILE, METRICS_FILE, TEXT_FEATURES_FILE, VALIDATED_FILE
+from crossmodal.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-modal (image + text) learning: validate, extract, train, compare, register, promote.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (defaults apply when absent).")]
-ManifestOpt = Annotated[Optional[Path], typer.Option(help="Manifest (.csv, .jsonl or .parquet); default from params.")]
-DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder image paths must stay inside (default: the "
+ManifestOpt = Annotated[Path | None, typer.Option(help="Manifest (.csv, .jsonl or .parquet); default from params.")]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Folder image paths must stay inside (default: the "
                                                           "manifest's folder).")]
-ColOpt = Annotated[Optional[str], typer.Option(help="Manifest column holding this field.")]
-AllowMissingOpt = Annotated[Optional[str], typer.Option(
+ColOpt = Annotated[str | None, typer.Option(help="Manifest column holding this field.")]
+AllowMissingOpt = Annotated[str | None, typer.Option(
     "--allow-missing", help="Keep rows whose image or text is absent: none | image | text | either "
                             "(default validation.allow_missing: none, such rows are quarantined).")]
-ModalityDropoutOpt = Annotated[Optional[float], typer.Option(
+ModalityDropoutOpt = Annotated[float | None, typer.Option(
     "--modality-dropout", help="Chance per training row and modality of hiding it, so heads learn to predict "
                                "from one modality (default train.modality_dropout: 0).")]
 
@@ -46,7 +49,7 @@ def _missing_overrides(allow_missing: str | None = None, modality_dropout: float
     return out
 
 
-FinetuneOpt = Annotated[Optional[bool], typer.Option(
+FinetuneOpt = Annotated[bool | None, typer.Option(
     "--finetune/--no-finetune", help="Train the fine-tuned cross-attention head finetune_xattn (default: "
                                      "train.finetune.enabled in params; it also needs finetune_xattn in train.heads).")]
 
@@ -61,16 +64,6 @@ ForceOpt = Annotated[bool, typer.Option(
                     "cache under paths.cache, an identical model is not registered again).")]
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from crossmodal.errors import user_errors
-
-    try:
-        from flows.schedule import ScheduleError
-    except ImportError:  # pragma: no cover
-        return user_errors()
-    return (*user_errors(), ScheduleError)
-
-
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
@@ -80,7 +73,7 @@ def _guard(fn, *args, **kwargs) -> Any:
     """Run ``fn``; a user-facing error becomes one clear message and exit code 2, not a traceback."""
     try:
         return fn(*args, **kwargs)
-    except _user_errors() as err:
+    except UserError as err:
         _fail(str(err))
 
 
@@ -108,7 +101,7 @@ def demo_data(out: Annotated[Path, typer.Option(help="Folder for manifest.csv an
               params: ParamsOpt = Path("params.yaml"),
               force: Annotated[bool, typer.Option(help="Regenerate even if the folder exists.")] = False) -> None:
     """Generate the embedded demo dataset (memes and captions: sarcasm needs both modalities)."""
-    from crossmodal.data import generate_demo
+    from crossmodal.data.demo import generate_demo
 
     cfg, _ = _config(params)
     manifest = out / "manifest.csv"
@@ -126,7 +119,7 @@ def validate(manifest: ManifestOpt = None, out: Annotated[Path, typer.Option(hel
              id_column: ColOpt = None, split_column: ColOpt = None, group_column: ColOpt = None,
              allow_missing: AllowMissingOpt = None) -> None:
     """Validate a manifest (Great Expectations + row checks); bad rows go to quarantine.csv."""
-    from crossmodal.validate import validate_manifest
+    from crossmodal.validation.validate import validate_manifest
 
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
     cfg, _ = _config(params, manifest, data_root, cols, _missing_overrides(allow_missing))
@@ -140,10 +133,10 @@ def extract(validated: Annotated[Path, typer.Option(help="Folder written by `val
             out: Annotated[Path, typer.Option(help="Output folder.")] = Path("work/features"),
             params: ParamsOpt = Path("params.yaml")) -> None:
     """Extract image and text features with the pretrained encoders (cached by content)."""
-    from crossmodal.extract import extract_features
+    from crossmodal.features.extract import extract_features
 
     cfg, _ = _config(params)
-    res = _guard(extract_features, validated / "validated.parquet", cfg.encoders, cfg.paths.cache, out)
+    res = _guard(extract_features, validated / VALIDATED_FILE, cfg.encoders, cfg.paths.cache, out)
     typer.echo(f"features: image {res.image_path} (computed={res.computed['image']}), "
                f"text {res.text_path} (computed={res.computed['text']})")
 
@@ -155,11 +148,11 @@ def train(validated: Annotated[Path, typer.Option(help="Folder written by `valid
           params: ParamsOpt = Path("params.yaml"), modality_dropout: ModalityDropoutOpt = None,
           finetune: FinetuneOpt = None) -> None:
     """Train every head named in params (train.heads) on the cached features, then the fine-tuned head."""
-    from crossmodal.train import train_all
+    from crossmodal.training.train import train_all
 
     cfg, _ = _config(params, extra={**_missing_overrides(modality_dropout=modality_dropout),
                                     **_finetune_override(finetune)})
-    result = _guard(train_all, validated / "validated.parquet", features / "image.npy", features / "text.npy",
+    result = _guard(train_all, validated / VALIDATED_FILE, features / IMAGE_FEATURES_FILE, features / TEXT_FEATURES_FILE,
                     cfg.train, out, cfg.encoders, cfg.paths.cache)
     typer.echo(f"trained {', '.join(result.heads)} into {out}")
 
@@ -168,7 +161,8 @@ def train(validated: Annotated[Path, typer.Option(help="Folder written by `valid
 def evaluate(models: Annotated[Path, typer.Option(help="Folder written by `train`.")] = Path("work/models"),
              out: Annotated[Path, typer.Option(help="Reports folder.")] = Path("reports")) -> None:
     """Evaluate every trained head; writes metrics.json, plots and per-class reports."""
-    from crossmodal.evaluate import comparison_table, evaluate_all, robustness_table
+    from crossmodal.evaluation.evaluate import evaluate_all
+    from crossmodal.evaluation.tables import comparison_table, robustness_table
 
     metrics = _guard(evaluate_all, models, out)
     typer.echo(comparison_table(metrics))
@@ -180,19 +174,19 @@ def register(manifest: ManifestOpt = None,
              validated: Annotated[Path, typer.Option(help="Folder written by `validate`.")] = Path("work/validated"),
              models: Annotated[Path, typer.Option(help="Folder written by `train`.")] = Path("work/models"),
              reports: Annotated[Path, typer.Option(help="Folder written by `evaluate`.")] = Path("reports"),
-             summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
+             summary: Annotated[Path | None, typer.Option(help="Summary JSON path.")] = None,
              params: ParamsOpt = Path("params.yaml"),
              force: Annotated[bool, typer.Option("--force", help="Register even when an identical model is "
                                                                   "registered already.")] = False) -> None:
     """Log the run to MLflow, register the best head, and run the champion/challenger gate.
 
     Nothing is logged or registered when the registry already holds an identical model (same fingerprint)."""
-    from crossmodal.publish import publish, render
+    from crossmodal.registry.publish import publish, render
 
     cfg, _ = _config(params, manifest)
     out = _guard(publish, cfg, cfg.data.manifest, validated, models, reports, summary or cfg.paths.summary,
                  force=force)
-    typer.echo(render(out, json.loads((reports / "metrics.json").read_text())))
+    typer.echo(render(out, json.loads((reports / METRICS_FILE).read_text())))
 
 
 def _stages_line(stages: dict[str, dict]) -> str:
@@ -201,11 +195,11 @@ def _stages_line(stages: dict[str, dict]) -> str:
 
 
 def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None, force: bool = False) -> dict:
-    from crossmodal.publish import render
+    from crossmodal.registry.publish import render
     from flows.training import run_training
 
     result = _guard(run_training, str(params), cfg_overrides, str(summary) if summary else None, force)
-    metrics = json.loads((Path(result["work_dir"]) / "reports" / "metrics.json").read_text())
+    metrics = json.loads((Path(result["work_dir"]) / "reports" / METRICS_FILE).read_text())
     typer.echo("\n" + render(result, metrics))
     if result.get("stages"):
         typer.echo(_stages_line(result["stages"]))
@@ -217,22 +211,22 @@ def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None,
 def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), data_root: DataRootOpt = None,
         image_column: ColOpt = None, text_column: ColOpt = None, label_column: ColOpt = None,
         id_column: ColOpt = None, split_column: ColOpt = None, group_column: ColOpt = None,
-        summary: Annotated[Optional[Path], typer.Option(help="Where to write the summary JSON "
+        summary: Annotated[Path | None, typer.Option(help="Where to write the summary JSON "
                                                              "(default paths.summary: reports/summary.json).")] = None,
-        heads: Annotated[Optional[str], typer.Option(help="Comma-separated heads to train (default: all).")] = None,
-        model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default mlflow.model_name); "
+        heads: Annotated[str | None, typer.Option(help="Comma-separated heads to train (default: all).")] = None,
+        model_name: Annotated[str | None, typer.Option(help="Registered model name (default mlflow.model_name); "
                                                                "use one per dataset or task.")] = None,
-        experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default mlflow.experiment).")] = None,
-        loss: Annotated[Optional[str], typer.Option(help="Training loss: cross_entropy or focal (train.loss).")] = None,
-        focal_gamma: Annotated[Optional[float], typer.Option(help="Focal loss gamma (train.focal_gamma).")] = None,
-        aux_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the auxiliary unimodal losses of "
+        experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default mlflow.experiment).")] = None,
+        loss: Annotated[str | None, typer.Option(help="Training loss: cross_entropy or focal (train.loss).")] = None,
+        focal_gamma: Annotated[float | None, typer.Option(help="Focal loss gamma (train.focal_gamma).")] = None,
+        aux_loss_weight: Annotated[float | None, typer.Option(help="Weight of the auxiliary unimodal losses of "
                                                                       "fusion heads (train.aux_loss_weight).")] = None,
-        ogm_ge: Annotated[Optional[bool], typer.Option("--ogm-ge/--no-ogm-ge", help="OGM-GE gradient modulation "
+        ogm_ge: Annotated[bool | None, typer.Option("--ogm-ge/--no-ogm-ge", help="OGM-GE gradient modulation "
                                                        "of the dominant modality (train.ogm_ge.enabled).")] = None,
-        ogm_alpha: Annotated[Optional[float], typer.Option(help="OGM-GE strength (train.ogm_ge.alpha).")] = None,
-        stacking_meta: Annotated[Optional[str], typer.Option(help="Stacking meta-classifier: logistic or mlp "
+        ogm_alpha: Annotated[float | None, typer.Option(help="OGM-GE strength (train.ogm_ge.alpha).")] = None,
+        stacking_meta: Annotated[str | None, typer.Option(help="Stacking meta-classifier: logistic or mlp "
                                                                   "(train.stacking.meta).")] = None,
-        epochs: Annotated[Optional[int], typer.Option(help="Most epochs per head (train.max_epochs).")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Most epochs per head (train.max_epochs).")] = None,
         allow_missing: AllowMissingOpt = None, modality_dropout: ModalityDropoutOpt = None,
         finetune: FinetuneOpt = None, force: ForceOpt = False,
         ) -> None:
@@ -260,7 +254,7 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
 
 @app.command()
 def demo(params: ParamsOpt = Path("params.yaml"),
-         summary: Annotated[Optional[Path], typer.Option(help="Summary JSON path.")] = None,
+         summary: Annotated[Path | None, typer.Option(help="Summary JSON path.")] = None,
          finetune: FinetuneOpt = None, force: ForceOpt = False) -> None:
     """Generate the demo dataset (once) and run the whole pipeline on it (unchanged stages are skipped)."""
     demo_dir = Path("data/demo")
@@ -272,9 +266,9 @@ def demo(params: ParamsOpt = Path("params.yaml"),
 @app.command()
 def promote(version: Annotated[int, typer.Option(help="Model version to make champion.")],
             params: ParamsOpt = Path("params.yaml"),
-            model_name: Annotated[Optional[str], typer.Option(help="Registered model name.")] = None) -> None:
+            model_name: Annotated[str | None, typer.Option(help="Registered model name.")] = None) -> None:
     """Move the `champion` alias to a version by hand."""
-    from crossmodal import promotion, tracking
+    from crossmodal.registry import promotion, tracking
 
     cfg, _ = _config(params)
     tracking.configure(cfg.mlflow)
@@ -285,9 +279,9 @@ def promote(version: Annotated[int, typer.Option(help="Model version to make cha
 
 @app.command()
 def rollback(params: ParamsOpt = Path("params.yaml"),
-             model_name: Annotated[Optional[str], typer.Option(help="Registered model name.")] = None) -> None:
+             model_name: Annotated[str | None, typer.Option(help="Registered model name.")] = None) -> None:
     """Move the `champion` alias back to the previous champion."""
-    from crossmodal import promotion, tracking
+    from crossmodal.registry import promotion, tracking
 
     cfg, _ = _config(params)
     tracking.configure(cfg.mlflow)
@@ -313,7 +307,7 @@ def schedule(cron: Annotated[str, typer.Option(help='Cron expression, e.g. "0 3 
 def ui(port: Annotated[int, typer.Option(help="Port for the MLflow UI.")] = 5000,
        params: ParamsOpt = Path("params.yaml")) -> None:
     """Open the MLflow UI on the project's store (http://127.0.0.1:PORT)."""
-    from crossmodal import tracking
+    from crossmodal.registry import tracking
 
     cfg, _ = _config(params)
     uri = tracking.resolve_tracking_uri(cfg.mlflow)

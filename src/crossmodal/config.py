@@ -14,16 +14,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from crossmodal.errors import ConfigError
+
 HEAD_NAMES = ("image_only", "text_only", "concat", "gated", "add", "late", "attention", "stacking",
               "finetune_xattn", "traditional_text", "traditional_image", "traditional_concat")
-FINETUNED_HEADS = ("finetune_xattn",)  # trained end to end from raw inputs (crossmodal.finetune), not on features
+FINETUNED_HEADS = ("finetune_xattn",)  # trained end to end from raw inputs (crossmodal.training.finetune), not on features
 UNIMODAL_HEADS = ("image_only", "text_only")
-# Baselines fitted with scikit-learn on handcrafted features (crossmodal.traditional): compared, never registered.
+# Baselines fitted with scikit-learn on handcrafted features (crossmodal.training.traditional): compared, never registered.
 TRADITIONAL_HEADS = ("traditional_text", "traditional_image", "traditional_concat")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message says which and why."""
 
 
 class _Section(BaseModel):
@@ -146,7 +144,7 @@ class TraditionalConfig(_Section):
 
 
 class FinetuneConfig(_Section):
-    """The fine-tuned cross-attention head (``crossmodal.finetune``): encoders' last layers + a fusion head.
+    """The fine-tuned cross-attention head (``crossmodal.training.finetune``): encoders' last layers + a fusion head.
 
     The defaults are a budget for a 2-core CPU (the demo's 1,041 train rows; 4-11 s per epoch on free cores);
     on a GPU raise ``max_train_rows``, ``epochs`` and ``image_size``.
@@ -205,7 +203,7 @@ class TrainConfig(_Section):
     # Processes that train the frozen-feature heads at once (this one included), one torch thread each; the
     # results are the same whatever the number. auto: one per CPU core (memory permitting) when the heads should
     # take more than a worker needs to start (about 2 s on 2 cores: the demo's 1,000 training rows do), else 1.
-    # See crossmodal.train_pool.
+    # See crossmodal.training.pool.
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     finetune: FinetuneConfig = FinetuneConfig()
 

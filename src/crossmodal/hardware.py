@@ -4,7 +4,7 @@
     device = resolve_device("auto")                    # CUDA, else Apple MPS, else CPU
     dtype = resolve_precision("auto", device)          # bf16 where fast, fp16 on older GPUs, None (fp32) elsewhere
 
-Used by ``crossmodal.embed.FeatureExtractor`` (and re-exported there).
+Used by ``crossmodal.features.extractor.FeatureExtractor`` (and re-exported there).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
-from crossmodal.config import ConfigError
+from crossmodal.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,9 @@ def cpu_has_fast_bf16() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        # torch tells the CPU's instruction sets only through these private helpers; the except below reads them
+        # from /proc where they are gone.
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())  # noqa: SLF001
     except AttributeError:  # private helpers moved: read the flags ourselves (Linux)
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -131,7 +133,15 @@ def cpu_threads(setting: int | str, device: torch.device, n_items: int, batch_si
     return max(1, cores)
 
 
-def _is_oom(err: BaseException) -> bool:
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``; a no-op context for ``dtype`` None (fp32)."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def is_oom(err: BaseException) -> bool:
+    """True when ``err`` is the device running out of memory (CUDA, MPS or the CPU allocator)."""
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)

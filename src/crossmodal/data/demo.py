@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crossmodal.atomic import atomic_path
+from crossmodal.files import atomic_path
 from crossmodal.config import DemoConfig
 
 LABELS = ("neutral", "sarcastic", "sincere")

@@ -3,7 +3,8 @@
 Usage::
 
     from crossmodal.config import Columns
-    from crossmodal.data import read_manifest
+from crossmodal.errors import DataError
+    from crossmodal.data.manifest import read_manifest
     df = read_manifest("data/demo/manifest.csv", Columns())          # or Columns(text="caption")
 
 The result always has the columns ``_row, id, image, text, label, split, group``
@@ -13,7 +14,7 @@ manifest has no such column; ``id`` is ``"row-<_row>"`` when it has no id column
 Values are kept *raw*: nothing is stripped or cleaned here, so that validation can say
 exactly what was wrong with a row. Missing cells become None. Bytes that are not valid
 UTF-8 are kept as lone surrogates (``surrogateescape``) instead of failing the whole
-file; ``crossmodal.validate`` quarantines those rows and names them. Labels, ids, splits
+file; ``crossmodal.validation`` quarantines those rows and names them. Labels, ids, splits
 and groups are converted to ``str`` (a numeric label 1 becomes "1"); a JSON list or object where one
 value belongs is kept as its JSON text, marked (:class:`Structured`) so that validation quarantines
 the row. A CSV's separator (comma, semicolon, tab or pipe) is read from its header line.
@@ -29,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from crossmodal.config import Columns
+from crossmodal.errors import DataError
 
 CANONICAL = ["_row", "id", "image", "text", "label", "split", "group"]
 REQUIRED_ROLES = ("image", "text", "label")
@@ -36,14 +38,18 @@ OPTIONAL_ROLES = ("id", "split", "group")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class DataError(ValueError):
-    """A problem with the input data that the user can fix; the message names file, column or row."""
-
-
 def _is_missing(v: Any) -> bool:
     if v is None or v is pd.NA or v is pd.NaT:
         return True
     return isinstance(v, float) and math.isnan(v)
+
+
+def is_absent(value) -> bool:
+    """A cell that holds no input: None, NaN, empty bytes, or a string with nothing but whitespace. The one test the
+    served models, fine-tuning and the traditional baselines share (validation's row checks also look at what
+    ``clean_text`` leaves of a text)."""
+    return value is None or (isinstance(value, float) and value != value) or (
+        isinstance(value, bytes | bytearray) and len(value) == 0) or (isinstance(value, str) and not value.strip())
 
 
 class Structured(str):

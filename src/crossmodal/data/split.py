@@ -2,7 +2,7 @@
 
 Usage::
 
-    from crossmodal.data import assign_splits
+    from crossmodal.data.split import assign_splits
     df["split"] = assign_splits(df, cfg.data.split)     # df needs columns label and group
 
 Rows that share a non-null ``group`` (e.g. the same poster, patient or product) always land

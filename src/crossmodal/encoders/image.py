@@ -2,7 +2,7 @@
 
 Usage::
 
-    from crossmodal.encoders import load_image_encoder
+    from crossmodal.encoders.registry import load_image_encoder
     enc = load_image_encoder("efficientnet_lite0", torch.device("cpu"))
     x = (uint8_batch / 255 - mean) / std          # enc.mean, enc.std: per-channel floats
     feats = enc.module(x)                        # (N, enc.dim)
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from crossmodal.encoders import EncoderUnavailable  # defined before this module is imported
+from crossmodal.errors import EncoderUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ def fold_batchnorm(model: nn.Module, check_size: int = 32) -> tuple[nn.Module, i
         if isinstance(mod, torch.nn.Conv2d):
             previous = (name, mod)
             continue
-        if not isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) or previous is None:
+        if not isinstance(mod, torch.nn.BatchNorm2d) or previous is None:
             continue
         conv_name, conv = previous
         previous = None

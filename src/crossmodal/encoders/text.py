@@ -2,7 +2,7 @@
 
 Usage::
 
-    from crossmodal.encoders import load_text_encoder
+    from crossmodal.encoders.registry import load_text_encoder
     enc = load_text_encoder("all-MiniLM-L6-v2", torch.device("cpu"))
     batch = enc.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     feats = enc.pool(enc.model(**batch).last_hidden_state, batch["attention_mask"])   # (N, enc.dim)
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from crossmodal.encoders import EncoderUnavailable  # defined before this module is imported
+from crossmodal.errors import EncoderUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +153,8 @@ def _has_normalize_module(source: str) -> bool:
 
 
 def count_truncated(name: str, texts: list[str], max_length: int) -> tuple[int, int]:
-    """How many of ``texts`` the tokenizer of encoder ``name`` will cut at ``max_length`` tokens, and the longest.
+    """How many of ``texts`` the tokenizer of encoder ``name`` (a canonical name: ``registry.canonical_name``) will
+    cut at ``max_length`` tokens, and the longest.
 
     Loads the tokenizer only (no weights). Validation calls it once per run so that one warning with a count
     replaces silent truncation at extraction time. Raises :class:`EncoderUnavailable` when the tokenizer is not on
@@ -167,9 +168,6 @@ def count_truncated(name: str, texts: list[str], max_length: int) -> tuple[int, 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from crossmodal.encoders import canonical_name
-
-    name = canonical_name(name)
     source = minilm_folder() if name == "all-MiniLM-L6-v2" else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -1,0 +1,53 @@
+"""The catalog of files a run writes: every name spelled once, with its format and the stage that writes it.
+
+Paths are relative to the stage's output folder (``work/runs/<run>/<validated|features|models|reports>/`` for a
+flow run, the ``--out`` folder for a CLI stage command).
+
+| constant | file | format | written by |
+|---|---|---|---|
+| ``VALIDATED_FILE`` | ``validated.parquet`` | kept rows: ``id, image, text, label, split, group, image_sha256, _row`` (strings; image is an absolute path) | validation |
+| ``QUARANTINE_FILE`` | ``quarantine.csv`` | refused rows: ``_row, id, image, text, label, split, group, reason`` (header even when empty) | validation |
+| ``VALIDATION_FILE`` | ``validation.json`` | counts, each expectation with its failing ids, warnings | validation |
+| ``DATA_DOCS_DIR`` | ``data_docs/`` | Great Expectations Data Docs (``index.html``) | validation |
+| ``IMAGE_FEATURES_FILE``, ``TEXT_FEATURES_FILE`` | ``image.npy``, ``text.npy`` | (N, D) float32 in validated row order; an all-NaN row is an absent modality | features |
+| ``FEATURES_FILE`` | ``features.json`` | feature keys, encoders, shapes, what was computed | features |
+| ``LABELS_FILE`` | ``labels.json`` | sorted label strings; class index = position | training |
+| ``HEAD_FILE`` | ``<head>/head.json`` | name, modality, family, init_args, history, best_epoch, val metrics | training |
+| ``WEIGHTS_FILE`` | ``<head>/weights.safetensors`` | the head's state dict (never pickle) | training |
+| ``PREDICTIONS_FILE`` | ``<head>/predictions.npz`` | ``val_/test_`` ``proba`` (N, C) float32, ``y`` int64, ``ids`` str; ``test_proba_missing_text``, ``test_proba_missing_image``, ``test_gate`` | training |
+| ``METRICS_FILE`` | ``metrics.json`` | per head: val, test, calibrated test, robustness, attribution; winners | evaluation |
+| ``ROBUSTNESS_FILE`` | ``robustness.md`` | test macro-F1 with a modality removed, per head | evaluation |
+| ``PLOTS_DIR``, ``PER_CLASS_DIR`` | ``plots/<head>_{confusion,roc,reliability}.png``, ``per_class/<head>.json`` | figures; sklearn classification report | evaluation |
+| ``COMPARISON_FILE`` | ``comparison.txt`` | the comparison table as printed | registry (MLflow artifact) |
+| ``MODEL_FILE`` | ``model.json`` | what the served model needs: head, labels, encoders, temperature, serving options | serving |
+| ``STAGES_FILE`` | ``stages.json`` | per stage: cached or not, key, seconds | flows |
+| ``ENTRY_FILE`` | ``entry.json`` | a stage-cache entry: meta and every file's size and mtime | pipeline |
+| ``SUMMARY_FILE`` | ``summary.json`` | the run's summary (``paths.summary``) | registry |
+"""
+
+from __future__ import annotations
+
+VALIDATED_FILE = "validated.parquet"
+QUARANTINE_FILE = "quarantine.csv"
+VALIDATION_FILE = "validation.json"
+DATA_DOCS_DIR = "data_docs"
+
+IMAGE_FEATURES_FILE = "image.npy"
+TEXT_FEATURES_FILE = "text.npy"
+FEATURES_FILE = "features.json"
+
+LABELS_FILE = "labels.json"
+HEAD_FILE = "head.json"
+WEIGHTS_FILE = "weights.safetensors"
+PREDICTIONS_FILE = "predictions.npz"
+
+METRICS_FILE = "metrics.json"
+ROBUSTNESS_FILE = "robustness.md"
+PLOTS_DIR = "plots"
+PER_CLASS_DIR = "per_class"
+COMPARISON_FILE = "comparison.txt"
+
+MODEL_FILE = "model.json"
+STAGES_FILE = "stages.json"
+ENTRY_FILE = "entry.json"
+SUMMARY_FILE = "summary.json"

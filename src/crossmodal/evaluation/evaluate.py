@@ -1,0 +1,149 @@
+"""Evaluate trained heads: metrics, plots, per-class reports, and which head wins.
+
+    from crossmodal.evaluation.evaluate import evaluate_all
+    from crossmodal.evaluation.tables import comparison_table
+    metrics = evaluate_all("work/train", "reports")     # reads what crossmodal.training.train wrote
+    print(comparison_table(metrics))
+
+Writes under ``out_dir``:
+    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality", "family", "temperature",
+                                 "ece", "ece_calibrated", "test_calibrated"}}, "labels", "best_fusion",
+                                 "best_unimodal", "best_head", "best_traditional", "registered_head",
+                                 "fusion_gain_macro_f1", "selection_metric": "macro_f1"}
+                                 each head also has "missing_text", "missing_image" and "attribution"
+    robustness.md                each head's test macro-F1 with both modalities, without text, without image
+    plots/<head>_confusion.png   test confusion matrix (counts)
+    plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
+    plots/<head>_reliability.png test reliability diagram before and after temperature scaling
+    per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
+
+``missing_text`` / ``missing_image`` are the ``test`` metrics recomputed with that modality removed from
+every test row (null when the head's predictions.npz lacks them). ``attribution`` summarises, per true
+class and overall, the mean leave-one-modality-out drop of the predicted class's probability (``image``:
+p(full) - p(without image), ``text`` likewise; large = the prediction leaned on that modality) and, for
+heads with gates, the mean gate weights ``gate_image`` / ``gate_text``.
+
+Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
+winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
+class is missing from y_true, anything on an empty split) is ``None`` / JSON null.
+
+Calibration: every head, deep or traditional, gets a temperature ``T`` fitted on its validation
+probabilities (minimising the negative log-likelihood of ``softmax(log(p) / T)``); ``ece`` is the
+test ECE as trained, ``ece_calibrated`` after scaling. Scaling never changes the argmax, so accuracy,
+macro-F1 and the winner stay the same. The registered model applies its head's ``T``.
+
+Families: "frozen" (heads on frozen features), "finetuned", "traditional" (scikit-learn baselines).
+Winners (best_head, best_fusion, best_unimodal) are chosen among the deep heads; ``best_traditional``
+names the best baseline; ``registered_head`` is the head the registry step logs: the best deep fusion
+head (the best deep head when no fusion head was trained).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from crossmodal.artifacts import (
+    HEAD_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    PER_CLASS_DIR,
+    PLOTS_DIR,
+    PREDICTIONS_FILE,
+    ROBUSTNESS_FILE,
+)
+from crossmodal.evaluation.calibration import apply_temperature, fit_temperature
+from crossmodal.evaluation.metrics import attribution_summary, check_proba, compute_metrics
+from crossmodal.evaluation.plots import plot_confusion, plot_reliability, plot_roc
+from crossmodal.evaluation.tables import robustness_table
+
+SELECTION_METRIC = "macro_f1"
+
+
+def _pick(heads: dict, names: list[str]) -> str | None:
+    """Highest validation macro-F1; ties go to lower validation log-loss, then to the earlier name."""
+    scored = [n for n in names if heads[n]["val"][SELECTION_METRIC] is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda n: (-heads[n]["val"][SELECTION_METRIC], heads[n]["val"]["log_loss"], names.index(n)))
+
+
+def evaluate_all(train_dir, out_dir) -> dict:
+    """Evaluate every head under ``train_dir`` (as written by ``crossmodal.training.train.train_all``)."""
+    from sklearn.metrics import classification_report
+
+    from crossmodal.config import HEAD_NAMES
+
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    labels_path = train_dir / LABELS_FILE
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{labels_path} not found; run `crossmodal train` first")
+    labels = json.loads(labels_path.read_text())
+    found = [p.parent.name for p in train_dir.glob("*/head.json") if (p.parent / PREDICTIONS_FILE).is_file()]
+    order = {name: i for i, name in enumerate(HEAD_NAMES)}
+    names = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+    if not names:
+        raise FileNotFoundError(f"no trained heads (head.json + predictions.npz) under {train_dir}")
+
+    (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    (out_dir / PER_CLASS_DIR).mkdir(parents=True, exist_ok=True)
+    heads: dict[str, dict] = {}
+    for name in names:
+        meta = json.loads((train_dir / name / HEAD_FILE).read_text())
+        with np.load(train_dir / name / PREDICTIONS_FILE, allow_pickle=False) as npz:
+            pred = {k: npz[k] for k in npz.files}
+        val = compute_metrics(pred["val_y"], pred["val_proba"], labels)
+        test = compute_metrics(pred["test_y"], pred["test_proba"], labels)
+        y_test, p_test = pred["test_y"].astype(np.int64), pred["test_proba"].astype(np.float64)
+        per_class = {}
+        if len(y_test):
+            per_class = classification_report(
+                y_test,
+                p_test.argmax(axis=1),
+                labels=list(range(len(labels))),
+                target_names=[str(x) for x in labels],
+                output_dict=True,
+                zero_division=0,
+            )
+        (out_dir / PER_CLASS_DIR / f"{name}.json").write_text(json.dumps(per_class, indent=2))
+        plots = out_dir / PLOTS_DIR
+        plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
+        plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
+        temperature = fit_temperature(pred["val_y"], check_proba(pred["val_y"], pred["val_proba"], labels)[1])
+        test_cal = compute_metrics(y_test, apply_temperature(p_test, temperature), labels)
+        plot_reliability(y_test, p_test, apply_temperature(p_test, temperature), temperature,
+                         f"{name}: test reliability", plots / f"{name}_reliability.png")
+        heads[name] = {"modality": meta.get("modality", "fusion"), "family": meta.get("family", "frozen"),
+                       "val": val, "test": test, "per_class": per_class, "temperature": temperature,
+                       "ece": test["ece"], "ece_calibrated": test_cal["ece"], "test_calibrated": test_cal}
+        # Robustness: the same test rows with one modality removed (absent keys: not available for this head).
+        for block, key in (("missing_text", "test_proba_missing_text"), ("missing_image", "test_proba_missing_image")):
+            heads[name][block] = compute_metrics(pred["test_y"], pred[key], labels) if key in pred else None
+        heads[name]["attribution"] = attribution_summary(
+            y_test, p_test, labels, pred.get("test_proba_missing_image"), pred.get("test_proba_missing_text"),
+            pred.get("test_gate"))
+
+    deep = [n for n in names if heads[n]["family"] != "traditional"]
+    fusion = [n for n in deep if heads[n]["modality"] == "fusion"]
+    unimodal = [n for n in deep if heads[n]["modality"] in ("image", "text")]
+    best_fusion, best_unimodal = _pick(heads, fusion), _pick(heads, unimodal)
+    gain = None
+    if best_fusion and best_unimodal:
+        f, u = heads[best_fusion]["test"]["macro_f1"], heads[best_unimodal]["test"]["macro_f1"]
+        gain = None if f is None or u is None else float(f - u)
+    metrics = {
+        "heads": heads,
+        "labels": labels,
+        "best_fusion": best_fusion,
+        "best_unimodal": best_unimodal,
+        "best_head": _pick(heads, deep),
+        "best_traditional": _pick(heads, [n for n in names if heads[n]["family"] == "traditional"]),
+        "registered_head": best_fusion or _pick(heads, deep),
+        "fusion_gain_macro_f1": gain,
+        "selection_metric": SELECTION_METRIC,
+    }
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (out_dir / ROBUSTNESS_FILE).write_text(robustness_table(metrics) + "\n")
+    return metrics

@@ -1,0 +1,62 @@
+"""The comparison and robustness tables of an evaluation, as printed and logged.
+
+    from crossmodal.evaluation.tables import comparison_table
+    print(comparison_table(metrics))        # metrics: what ``evaluate_all`` returns (metrics.json)
+"""
+
+from __future__ import annotations
+
+
+def robustness_table(metrics: dict) -> str:
+    """Markdown table: each head's test macro-F1 with both modalities, without text and without image."""
+
+    def f1(block):
+        return None if not block else block.get("macro_f1")
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = ["| head | kind | macro-F1 full | without text | without image |", "|---|---|---:|---:|---:|"]
+    for name, m in metrics["heads"].items():
+        kind = "fusion" if m.get("modality") == "fusion" else "unimodal"
+        cells = [fmt(f1(m.get("test"))), fmt(f1(m.get("missing_text"))), fmt(f1(m.get("missing_image")))]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(metrics: dict) -> str:
+    """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line.
+
+    ``family`` (traditional / frozen / finetuned) and ``kind`` (fusion / unimodal) put baselines and deep heads,
+    unimodal and fused, side by side; ``ECE cal`` is the test ECE after temperature scaling.
+    """
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    heads = metrics["heads"]
+    def test_f1(name):
+        f1 = heads[name]["test"]["macro_f1"]
+        return -1.0 if f1 is None else f1
+
+    rows = sorted(heads, key=test_f1, reverse=True)  # stable: ties keep the registry order
+    width = max([len("head")] + [len(n) for n in rows])
+    header = (f"{'head':<{width}}  {'family':<11}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}  "
+              f"{'ECE':>8}  {'ECE-cal':>8}")
+    lines = [header]
+    lines.append("-" * len(lines[0]))
+    for n in rows:
+        t = heads[n]["test"]
+        kind = "fusion" if heads[n]["modality"] == "fusion" else "unimodal"
+        family = heads[n].get("family", "frozen")
+        cells = [fmt(t["accuracy"]), fmt(t["macro_f1"]), fmt(t["roc_auc"]), fmt(t.get("ece")),
+                 fmt(heads[n].get("ece_calibrated"))]
+        lines.append(f"{n:<{width}}  {family:<11}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
+    fusion, unimodal, gain = metrics.get("best_fusion"), metrics.get("best_unimodal"), metrics.get("fusion_gain_macro_f1")
+    if fusion and unimodal and gain is not None:
+        verb = "beats" if gain >= 0 else "trails"
+        points = f"{100 * gain:+.1f}"
+        lines.append(f"best fusion {fusion} {verb} best unimodal {unimodal} by {points} macro-F1 points (test)")
+    else:
+        lines.append("fusion gain: n/a (needs at least one fusion head and one unimodal head with test rows)")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Atomic file writes and content hashes: a reader sees the old file or the new one, never half of either.
+
+    with atomic_path("out/table.parquet") as tmp:   # any library writes to tmp
+        pq.write_table(table, tmp)
+    write_json("reports/summary.json", summary)
+
+The temporary file sits in the destination's folder (so the rename is atomic) under a unique name (two writers
+never share one), is flushed to disk before the rename, and is removed if writing fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any, **dumps: Any) -> Path:
+    """``json.dumps(obj, indent=2, **dumps)`` plus a final newline, written atomically."""
+    return write_bytes(path, (json.dumps(obj, indent=2, **dumps) + "\n").encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- content hashes
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (memory stays flat for large files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """sha256 over the crossmodal package's files (names and bytes): a change to the code misses every stage entry.
+
+    Computed once per process, from the code the process imported (an edit made while a long-lived worker runs
+    takes effect, for it as for the cache, when it restarts).
+    """
+    import crossmodal
+
+    root = Path(crossmodal.__file__).resolve().parent
+    h = hashlib.sha256(f"crossmodal {crossmodal.__version__}\n".encode())
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and p.suffix not in (".pyc", ".pyo")):
+        rel = path.relative_to(root).as_posix().encode()
+        data = path.read_bytes()
+        h.update(len(rel).to_bytes(8, "little") + rel + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys): the key of a stage from its inputs and settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()

@@ -1,0 +1,344 @@
+"""The fused model as users call it: raw image + text in, label and class probabilities out.
+
+A :class:`FusedModel` is the pretrained encoders (by name, with their preprocessing) plus one trained fusion head.
+It is saved as a folder (``model.json`` + ``head/``) and wrapped as an MLflow pyfunc (models-from-code, no pickle):
+
+    import mlflow, pandas as pd
+    m = mlflow.pyfunc.load_model("models:/crossmodal-fusion@champion")
+    m.predict(pd.DataFrame({"image_bytes": [open("photo.jpg", "rb").read()], "text": ["What a wonderful day"]}))
+    #    label   prob_neutral  prob_sarcastic  prob_sincere
+
+The probabilities are calibrated: the head's temperature, fitted on validation by the evaluation, is stored in
+``model.json`` and applied as ``softmax(log(p + 1e-12) / T)`` (the label is unchanged by it).
+
+Input columns: ``text`` and, per row, ``image_bytes`` (the encoded file's bytes; over REST, base64 as MLflow
+encodes binary columns) or ``image`` (a file path). A row may lack one of the two (null or empty cell, or no such
+column): the head then predicts from the other modality alone (its learned placeholder stands in). Output:
+``label`` and one ``prob_<label>`` per class.
+
+Attribution on request, ``params={"attribution": True}`` (also over REST: ``{"params": {"attribution": true}}``),
+adds ``attr_image`` and ``attr_text``: how much the predicted class's probability drops when that modality is
+removed (leave-one-modality-out; 0 when the row lacked it), and ``gate_image`` / ``gate_text`` (the per-row mix
+weights) for heads with gates::
+
+    m.predict(frame, params={"attribution": True})
+    #    label  prob_...  attr_image  attr_text  gate_image  gate_text
+
+A path makes the model read a file, so paths are refused unless the model was logged with
+``serving.allowed_image_root``, and then only files that resolve (after ``..`` and symlinks) inside that folder are
+read: a request naming ``/etc/passwd`` gets a :class:`PredictionInputError` (HTTP 400 when served), never the file.
+
+Packaging (the folder, the signature, ``log_model``) is ``crossmodal.serving.package``, re-exported here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+try:  # the pyfunc wrapper needs MLflow; FusedModel itself does not
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # pragma: no cover
+    PythonModel = object  # type: ignore[misc,assignment]
+
+from crossmodal.artifacts import MODEL_FILE
+from crossmodal.config import FINETUNED_HEADS, EncodersConfig
+from crossmodal.data.manifest import is_absent
+from crossmodal.errors import PredictionInputError
+from crossmodal.serving.package import HEAD_DIR
+
+PREDICT_CHUNK = 256  # rows decoded and embedded at a time by FusedModel.predict
+
+
+class FusedModel:
+    def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
+                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
+        from crossmodal.features.extractor import FeatureExtractor
+
+        self._serving_options(temperature, allowed_image_root)
+        self.head = head.eval()
+        self.labels = list(labels)
+        self.head_name = head_name
+        self.extractor = FeatureExtractor(encoders, max_pixels=max_pixels)
+
+    def _serving_options(self, temperature: float, allowed_image_root: str | None) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.allowed_image_root = allowed_image_root  # None: image paths refused (bytes only)
+
+    def _calibrated(self, proba: np.ndarray) -> np.ndarray:
+        """The head's probabilities after its temperature (fitted on validation by the evaluation)."""
+        if self.temperature == 1.0:
+            return proba
+        from crossmodal.evaluation.calibration import apply_temperature
+
+        return apply_temperature(proba, self.temperature)
+
+    @classmethod
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FusedModel:
+        """Load a saved model; ``allowed_image_root`` overrides the folder stored in it (``serving.allowed_image_root``)."""
+        from crossmodal.heads.files import load_head
+
+        directory = Path(directory)
+        spec = json.loads((directory / MODEL_FILE).read_text())
+        if spec.get("head") in FINETUNED_HEADS:
+            return FinetunedFusedModel.load(directory, allowed_image_root)
+        head = load_head(directory / HEAD_DIR)
+        return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
+                   spec.get("max_image_pixels"), spec.get("temperature", 1.0),
+                   allowed_image_root or spec.get("allowed_image_root"))
+
+    def _image_path(self, i: int, path: str) -> str:
+        """``path`` resolved, if it may be read: inside ``allowed_image_root`` after ``..`` and symlinks."""
+        if self.allowed_image_root is None:
+            raise PredictionInputError(
+                f"row {i}: image paths are refused by this model (serving.allowed_image_root is not set); send the "
+                "image file's bytes in 'image_bytes' (base64 in a REST request)")
+        root = os.path.realpath(self.allowed_image_root)
+        if "\x00" in path:
+            raise PredictionInputError(f"row {i}: image path contains a NUL character; refused")
+        real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+        if os.path.commonpath([real, root]) != root:
+            raise PredictionInputError(f"row {i}: image path {path!r} is outside the allowed image root {root} "
+                                       "(serving.allowed_image_root); refused")
+        return real
+
+    def _image_source(self, i: int, row) -> str | bytes | None:
+        """The row's image as bytes or an allowed path; None when the row has no image (null or empty cells)."""
+        raw = getattr(row, "image_bytes", None)
+        if isinstance(raw, str) and raw:  # base64 text (what a JSON client sends for a binary column)
+            try:
+                raw = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                raise PredictionInputError(f"row {i}: 'image_bytes' is text but not base64; send the file's bytes, "
+                                           "base64-encoded") from None
+        if isinstance(raw, bytes | bytearray | memoryview) and len(raw):
+            return bytes(raw)
+        path = getattr(row, "image", None)
+        if isinstance(path, str) and path.strip():
+            return self._image_path(i, path)
+        if path is None or _is_null(path) or isinstance(path, str):
+            return None
+        raise PredictionInputError(f"row {i}: 'image' must be a path string (or use 'image_bytes'), got "
+                                   f"{type(path).__name__}")
+
+    @property
+    def has_gates(self) -> bool:
+        return bool(getattr(self.head, "has_gates", False))
+
+    def features(self, images: list[Any] | None, texts: list[str | None] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Embed what is present; an absent image or text (None, an empty text, or the whole list None) becomes an
+        all-NaN feature row, never encoded."""
+        from crossmodal.data.images import ImageError
+        from crossmodal.data.text import clean_text
+
+        if images is None and texts is None:
+            raise PredictionInputError("give images, texts or both")
+        n = len(images) if images is not None else len(texts)
+        if images is not None and texts is not None and len(images) != len(texts):
+            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts: give one of each per row")
+        images = [None] * n if images is None else list(images)
+        texts = [None] * n if texts is None else [None if t is None or not clean_text(t) else t for t in texts]
+        img = np.full((n, self.head.init_args["image_dim"]), np.nan, dtype=np.float32)
+        txt = np.full((n, self.head.init_args["text_dim"]), np.nan, dtype=np.float32)
+        has_image = [k for k in range(n) if images[k] is not None]
+        has_text = [k for k in range(n) if texts[k] is not None]
+        if has_image:
+            try:
+                img[has_image] = self.extractor.embed_images([images[k] for k in has_image])
+            except ImageError as err:
+                raise PredictionInputError(str(err)) from None
+        if has_text:
+            txt[has_text] = self.extractor.embed_texts([texts[k] for k in has_text])
+        return img, txt
+
+    def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) of embedded rows: the one place features become probabilities, so
+        predictions and attribution always agree."""
+        from crossmodal.heads.inference import predict_proba
+
+        proba = predict_proba(self.head, img, txt)
+        return self._calibrated(proba)
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        """Class probabilities (N, C); ``None`` for an absent image or text (or for a whole modality)."""
+        return self.proba_from_features(*self.features(images, texts))
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution (and gates, for heads with gates), embedding once.
+
+        ``attr_image`` / ``attr_text``: p(predicted class) with both minus p(predicted class) without that
+        modality. Returns {"proba", "attr_image", "attr_text"[, "gate_image", "gate_text"]}.
+        """
+        from crossmodal.heads.inference import predict_gates, without
+
+        img, txt = self.features(images, texts)
+        proba = self.proba_from_features(img, txt)
+        rows, pred = np.arange(len(proba)), proba.argmax(axis=1)
+        out = {"proba": proba,
+               "attr_image": proba[rows, pred] - self.proba_from_features(without(img), txt)[rows, pred],
+               "attr_text": proba[rows, pred] - self.proba_from_features(img, without(txt))[rows, pred]}
+        gates = predict_gates(self.head, img, txt)
+        if gates is not None:
+            out["gate_image"], out["gate_text"] = gates[:, 0], gates[:, 1]
+        return out
+
+    def predict(self, frame: pd.DataFrame | dict | list, attribution: bool = False) -> pd.DataFrame:
+        """Labels and probabilities for each row, streamed PREDICT_CHUNK rows at a time (bounded memory)."""
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        if len(frame) <= PREDICT_CHUNK:
+            return self._predict_rows(frame, attribution=attribution)
+        return pd.concat([self._predict_rows(frame.iloc[s : s + PREDICT_CHUNK], offset=s, attribution=attribution)
+                          for s in range(0, len(frame), PREDICT_CHUNK)], ignore_index=True)
+
+    def _predict_rows(self, frame: pd.DataFrame, offset: int = 0, attribution: bool = False) -> pd.DataFrame:
+        from crossmodal.data.text import clean_text
+
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        if not {"text", "image", "image_bytes"} & set(frame.columns):
+            raise PredictionInputError("input needs a 'text' column, an 'image' (path) or 'image_bytes' column, or "
+                                       f"both; got columns {list(frame.columns)}")
+        images, texts = [], []
+        for i, row in enumerate(frame.itertuples(index=False), start=offset):
+            source = self._image_source(i, row)  # None: this row has no image, predicted from its text
+            text = getattr(row, "text", None)
+            if _is_null(text):
+                text = None
+            elif not isinstance(text, str):
+                raise PredictionInputError(f"row {i}: 'text' must be a string, got {type(text).__name__}")
+            else:
+                text = clean_text(text) or None
+            if source is None and text is None:
+                raise PredictionInputError(f"row {i}: no image and no text (give a path in 'image', bytes in "
+                                           "'image_bytes', a 'text', or both)")
+            images.append(source)
+            texts.append(text)
+        extra = ["attr_image", "attr_text"] + (["gate_image", "gate_text"] if self.has_gates else [])
+        if not images:
+            return pd.DataFrame({"label": [], **{f"prob_{c}": [] for c in self.labels},
+                                 **({c: [] for c in extra} if attribution else {})})
+        result = self.explain(images, texts) if attribution else {"proba": self.predict_proba(images, texts)}
+        proba = result["proba"]
+        out = pd.DataFrame({f"prob_{c}": proba[:, k].astype("float64") for k, c in enumerate(self.labels)})
+        out.insert(0, "label", [self.labels[k] for k in proba.argmax(axis=1)])
+        if attribution:
+            for column in extra:
+                out[column] = result[column].astype("float64")
+        return out
+
+
+def _is_null(value: Any) -> bool:
+    """None, NaN, pd.NA / NaT: a cell a data frame leaves empty."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float) and value != value
+
+
+class FinetunedFusedModel(FusedModel):
+    """The fine-tuned cross-attention model (``crossmodal.heads.xattn``, trained by ``crossmodal.training.finetune``): its own tuned encoders, raw inputs in.
+
+    Same interface as :class:`FusedModel`; images are decoded and texts tokenised by the very functions used in
+    training (``crossmodal.heads.xattn_inputs.prepare_inputs`` over ``crossmodal.data.images``). ``predict_proba`` accepts
+    None for an absent image or text: that row then goes through the model's learned placeholder.
+    """
+
+    def __init__(self, network, labels: list[str], encoders: EncodersConfig, head_name: str = "",
+                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
+        from crossmodal.hardware import resolve_device, resolve_precision
+
+        self._serving_options(temperature, allowed_image_root)
+        self.device = resolve_device(encoders.device)
+        self.dtype = resolve_precision(encoders.precision, self.device)
+        self.network = network.to(self.device).eval()
+        self.head = self.network  # what FusedModel users find under .head: the module that predicts
+        self.labels, self.head_name, self.max_pixels = list(labels), head_name, max_pixels
+        self.extractor = None  # no frozen feature extractor: the network reads pixels and tokens
+
+    @classmethod
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> FinetunedFusedModel:
+        from crossmodal.heads.xattn import load_finetuned
+
+        directory = Path(directory)
+        spec = json.loads((directory / MODEL_FILE).read_text())
+        encoders = EncodersConfig.model_validate(spec["encoders"])
+        from crossmodal.hardware import resolve_device
+
+        network, _ = load_finetuned(directory / HEAD_DIR, resolve_device(encoders.device))
+        return cls(network, spec["labels"], encoders, spec.get("head", ""), spec.get("max_image_pixels"),
+                   spec.get("temperature", 1.0), allowed_image_root or spec.get("allowed_image_root"))
+
+    @property
+    def has_gates(self) -> bool:
+        return False
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution (the absent modality goes through the placeholder)."""
+        proba = self.predict_proba(images, texts)
+        n = len(proba)
+        pred = proba.argmax(axis=1)
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        out = {"proba": proba, "attr_image": np.zeros(n), "attr_text": np.zeros(n)}
+        # Removing the only modality a row has leaves nothing to predict from: its attribution is the whole
+        # prediction, so only rows that keep something are re-scored.
+        for key, keep in (("attr_image", [k for k in range(n) if not is_absent(texts[k])]),
+                          ("attr_text", [k for k in range(n) if not is_absent(images[k])])):
+            if not keep:
+                continue
+            sub_img = [None if key == "attr_image" else images[k] for k in keep]
+            sub_txt = [None if key == "attr_text" else texts[k] for k in keep]
+            reduced = self.predict_proba(sub_img, sub_txt)
+            out[key][keep] = proba[keep, pred[keep]] - reduced[np.arange(len(keep)), pred[keep]]
+        return out
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        from crossmodal.data.images import ImageError
+        from crossmodal.heads.xattn_inputs import predict_proba, prepare_inputs
+
+        n = len(images) if images is not None else len(texts) if texts is not None else 0
+        images = list(images) if images is not None else [None] * n
+        texts = list(texts) if texts is not None else [None] * n
+        if len(images) != len(texts):
+            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
+        for i, (img, txt) in enumerate(zip(images, texts)):
+            if is_absent(img) and is_absent(txt):
+                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
+        args = self.network.init_args
+        text = self.network.text
+        try:
+            inputs = prepare_inputs(images, texts, text.tokenizer, args["image_size"],
+                                    min(args["max_length"], text.max_positions), self.max_pixels)
+        except ImageError as err:
+            raise PredictionInputError(str(err)) from None
+        proba = predict_proba(self.network, inputs, dtype=self.dtype)
+        return self._calibrated(proba)
+
+
+class CrossmodalPyfunc(PythonModel):
+    """MLflow wrapper: the state lives in the ``fused_model`` artifact folder, read in ``load_context``."""
+
+    def load_context(self, context):
+        self.model = FusedModel.load(context.artifacts["fused_model"])
+        if isinstance(self.model, FinetunedFusedModel):
+            return  # its (fine-tuned) encoders load with it
+        # Load both encoders now, not on the first request (a server's first call would otherwise take seconds).
+        self.model.extractor.image_encoder, self.model.extractor.text_encoder  # noqa: B018
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self.model.predict(model_input, attribution=bool((params or {}).get("attribution", False)))
+        except PredictionInputError as err:
+            # An MlflowException keeps our message in the scoring server's answer (HTTP 400); any other exception
+            # becomes a generic "unexpected error" with a stack trace.
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None

@@ -1,0 +1,349 @@
+"""Fine-tuning end to end: the encoders' last layers and a bidirectional cross-attention fusion head, from raw inputs.
+
+Usage::
+
+    from crossmodal.training.finetune import finetune_head, load_finetuned
+    info = finetune_head("work/validated/validated.parquet", cfg.train, cfg.encoders, "work/models",
+                         cache_dir=cfg.paths.cache)          # writes work/models/finetune_xattn/
+    model, meta = load_finetuned("work/models/finetune_xattn")   # FinetunedXattn in eval mode
+
+The model (``crossmodal.heads.xattn.FinetunedXattn``): the image CNN's last ``image_blocks`` blocks and the text
+transformer's last ``text_layers`` layers, trained with a bidirectional cross-attention head over the image's grid
+cells and the text tokens (see that module).
+
+Training: AdamW with discriminative learning rates (``lr_encoder`` for pretrained layers, ``lr_head`` for the new
+head), linear warm-up then cosine/linear decay per optimizer step, gradient accumulation, bf16 autocast on a GPU
+and on CPUs fast at bf16 (``crossmodal.hardware.resolve_precision``), modality dropout (``train.modality_dropout``),
+class-weighted cross-entropy, and the best epoch by validation macro-F1 kept. Frozen layers stay in eval mode
+(BatchNorm statistics and dropout as pretrained) and, holding no trainable parameter, record no autograd graph.
+
+Checkpoints: after every epoch, ``<checkpoint_dir>/<fingerprint>/`` gets the trained tensors and the optimizer
+state (safetensors) and the epoch, history, scheduler and optimizer settings (JSON). The fingerprint hashes the
+data (ids, labels, splits, image hashes, texts) and every setting that changes the result, so a run interrupted
+after epoch k continues at epoch k+1 with the same data and settings; a finished checkpoint is reused as is.
+
+What lands in ``<out_dir>/finetune_xattn/``: ``weights.safetensors`` (the trained encoder layers + the head; the
+frozen layers come from the pretrained encoder named in ``head.json``), ``head.json`` (modality "fusion", family
+"finetuned", init_args, history, best_epoch, val_metrics) and ``predictions.npz`` (val/test probabilities, labels
+and ids, plus ``test_proba_missing_text`` / ``test_proba_missing_image``).
+"""
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from crossmodal.artifacts import HEAD_FILE, LABELS_FILE, PREDICTIONS_FILE
+from crossmodal.config import EncodersConfig, TrainConfig
+from crossmodal.data.manifest import is_absent
+from crossmodal.data.validated import read_validated
+from crossmodal.errors import FinetuneError
+from crossmodal.files import atomic_path, write_json
+from crossmodal.hardware import autocast
+from crossmodal.heads.xattn import NAME, FinetunedXattn, load_trained, save_finetuned
+from crossmodal.heads.xattn_inputs import predict_proba, prepare_inputs
+
+log = logging.getLogger(__name__)
+
+
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------- training pieces
+def lr_factor(step: int, total: int, warmup: int, decay: str) -> float:
+    """Linear warm-up from ~0 to 1 over ``warmup`` steps, then cosine or linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+
+
+def modality_dropout_masks(n: int, rate: float, generator: torch.Generator, image_missing: torch.Tensor | None = None,
+                           text_missing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, drop the image and the text each with probability ``rate``; a row never loses both.
+
+    ``image_missing`` / ``text_missing`` (bool, per row) mark modalities already absent: such a row never loses the
+    other one, as in the frozen heads' ``training.loop.modality_dropout``.
+    """
+    drop = torch.rand(n, 2, generator=generator) < rate
+    both = drop.all(1)
+    keep_text = torch.rand(n, generator=generator) < 0.5
+    drop[both, 0] = keep_text[both]  # of a row drawn for both, one modality (at random) is kept
+    drop[both, 1] = ~keep_text[both]
+    drop_image, drop_text = drop[:, 0], drop[:, 1]
+    if text_missing is not None:
+        drop_image = drop_image & ~text_missing
+    if image_missing is not None:
+        drop_text = drop_text & ~image_missing
+    return drop_image, drop_text
+
+
+def budget_rows(y: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
+    """Indices of at most ``max_rows`` training rows, stratified by class (every class keeps a row), sorted."""
+    n = len(y)
+    if max_rows is None or n <= max_rows:
+        return np.arange(n)
+    classes, counts = np.unique(y, return_counts=True)
+    exact = max_rows * counts / n
+    quota = np.minimum(np.maximum(1, np.floor(exact)).astype(np.int64), counts)
+    for c in np.argsort(-(exact - np.floor(exact)), kind="stable"):  # largest remainders get the rows left over
+        if quota.sum() >= max_rows:
+            break
+        quota[c] += quota[c] < counts[c]
+    while quota.sum() > max_rows:  # the one-row minimum pushed it over: take from the largest class
+        quota[np.argmax(quota)] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(chosen))
+
+
+def fingerprint(frame, labels: list[str], cfg: TrainConfig, encoders: EncodersConfig, precision: str) -> str:
+    """What a checkpoint is valid for: the data (ids, labels, splits, image hashes, texts) and every setting used."""
+    h = hashlib.sha256()
+    settings = {"v": CHECKPOINT_VERSION, "finetune": cfg.finetune.model_dump(exclude={"resume", "checkpoint_dir",
+                                                                                      "enabled"}),
+                "seed": cfg.seed, "class_weights": cfg.class_weights, "modality_dropout": cfg.modality_dropout,
+                "image": encoders.image.name, "text": encoders.text.name, "precision": precision, "labels": labels}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for col in ("id", "label", "split", "image_sha256", "text"):
+        values = frame[col] if col in frame.columns else [""] * len(frame)
+        for v in values:
+            b = ("" if is_absent(v) else str(v)).encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: Path, model: FinetunedXattn, optimizer, scheduler, state: dict,
+                    best: dict[str, torch.Tensor]) -> None:
+    """Tensors to safetensors (no pickle anywhere), everything else to JSON; checkpoint.json is written last."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.trained_state().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous().clone() for k, v in best.items()})
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:  # AdamW's step counter: a 0-d tensor or a number
+                scalars.setdefault(str(pid), {})[key] = float(value)
+    with atomic_path(directory / "tensors.safetensors") as tmp:  # the epoch tags the pair (tensors, json)
+        save_file(tensors, str(tmp), metadata={"epoch": str(state["epoch"])})
+    meta = {**state, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+            "scheduler": scheduler.state_dict()}
+    write_json(directory / "checkpoint.json", meta)
+
+
+def load_checkpoint(directory: Path, model: FinetunedXattn, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restore model, optimizer and scheduler from ``directory``; returns (state json, best weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "checkpoint.json").read_text())
+    with safe_open(str(directory / "tensors.safetensors"), "pt") as fh:
+        tagged = (fh.metadata() or {}).get("epoch")
+    if tagged != str(meta["epoch"]):  # interrupted between the two writes: the pair does not belong together
+        raise FinetuneError(f"{directory}: tensors of epoch {tagged} but checkpoint.json of epoch {meta['epoch']}")
+    tensors = load_file(str(directory / "tensors.safetensors"))
+    trained = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_trained(model, trained, directory / "tensors.safetensors")
+    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["optimizer"]["scalars"].items():
+        for name, value in values.items():
+            state.setdefault(int(pid), {})[name] = torch.tensor(value)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta, best
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+def _read_table(validated_path: Path):
+    return read_validated(validated_path, ("id", "image", "text", "label", "split"), FinetuneError)
+
+
+def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, *, cache_dir=None,
+                  max_pixels: int | None = None, on_epoch_end=None) -> dict[str, Any]:
+    """Fine-tune ``finetune_xattn`` on ``validated.parquet``; write ``<out_dir>/finetune_xattn/``; return head.json.
+
+    ``on_epoch_end(epoch, history_row, model)`` is called after each epoch's checkpoint is on disk (progress
+    reports; an exception raised there interrupts training like a crash would, and the next call resumes).
+    """
+    from crossmodal.data.images import ImageError
+    from crossmodal.evaluation.metrics import compute_metrics
+    from crossmodal.hardware import precision_name, resolve_device, resolve_precision
+    from crossmodal.training.loop import balanced_class_weights, is_better, macro_f1
+
+    ft = cfg.finetune
+    validated_path, out_dir = Path(validated_path), Path(out_dir)
+    df = _read_table(validated_path)
+    labels = sorted(df["label"].astype(str).unique())
+    if len(labels) < 2:
+        raise FinetuneError(f"{validated_path} has {len(labels)} label(s); a classifier needs at least 2")
+    y_all = df["label"].astype(str).map({lab: i for i, lab in enumerate(labels)}).to_numpy(np.int64)
+    split = df["split"].astype(str).to_numpy()
+    for s in ("train", "val"):
+        if not (split == s).any():
+            raise FinetuneError(f"the {s} split of {validated_path} has no rows; fine-tuning needs train and val rows")
+
+    device = resolve_device(encoders.device)
+    dtype = resolve_precision(encoders.precision, device)
+    key = fingerprint(df, labels, cfg, encoders, precision_name(dtype))
+    root = Path(ft.checkpoint_dir) if ft.checkpoint_dir else (
+        Path(cache_dir) / "finetune" if cache_dir else out_dir / ".finetune_checkpoints")
+    ckpt_dir = root / key[:24]
+
+    torch.manual_seed(cfg.seed)  # the head's initialisation
+    from crossmodal.encoders.registry import load_image_encoder, load_text_encoder
+
+    image_enc, text_enc = load_image_encoder(encoders.image.name, "cpu"), load_text_encoder(encoders.text.name, "cpu")
+    model = FinetunedXattn(image_enc, text_enc, len(labels), ft).to(device)
+
+    t0 = time.perf_counter()
+    train_idx = np.flatnonzero(split == "train")
+    train_idx = train_idx[budget_rows(y_all[train_idx], ft.max_train_rows, cfg.seed)]
+    rows = {"train": train_idx, "val": np.flatnonzero(split == "val"), "test": np.flatnonzero(split == "test")}
+    try:
+        inputs = {s: prepare_inputs(df["image"].iloc[r].tolist(), df["text"].iloc[r].tolist(), text_enc.tokenizer,
+                                    ft.image_size, min(ft.max_length, text_enc.max_positions), max_pixels,
+                                    [f"row id {i!r}" for i in df["id"].iloc[r]])
+                  for s, r in rows.items()}
+    except ImageError as err:  # validation decoded it, so the file changed or vanished since
+        raise FinetuneError(f"{validated_path}: {err}; re-run `crossmodal validate` to quarantine it") from None
+    y = {s: torch.from_numpy(y_all[r]) for s, r in rows.items()}
+    inputs = {s: model.cache_frozen(x, ft.batch_size * 2, dtype) for s, x in inputs.items()}
+    prep_seconds = time.perf_counter() - t0
+
+    weight = torch.from_numpy(balanced_class_weights(y_all[train_idx], len(labels))) if cfg.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device))
+    encoder_params = [p for m in model.tuned_modules() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": ft.lr_encoder}, {"params": list(model.head.parameters()), "lr": ft.lr_head}],
+        weight_decay=ft.weight_decay)
+    batches = math.ceil(len(train_idx) / ft.batch_size)
+    steps_per_epoch = math.ceil(batches / ft.grad_accum)
+    total = steps_per_epoch * ft.epochs
+    warmup = int(round(ft.warmup_fraction * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, ft.decay))
+
+    history: list[dict] = []
+    best_f1, best_loss, best_ep, best_state = -1.0, float("inf"), 0, model.trained_state()
+    start_epoch, resumed_from = 1, None
+    if ft.resume and (ckpt_dir / "checkpoint.json").is_file():
+        try:
+            meta, best_state = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+        except Exception as err:  # an unreadable or foreign checkpoint costs a retrain, never the run
+            log.warning("ignoring checkpoint %s (%s); training from the start", ckpt_dir, err)
+            return _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end)
+        history, best_ep = meta["history"], meta["best_epoch"]
+        best_f1, best_loss = meta["best_val_macro_f1"], meta["best_val_loss"]
+        start_epoch = resumed_from = meta["epoch"] + 1
+        log.info("%s: resuming from %s after epoch %d of %d", NAME, ckpt_dir, meta["epoch"], ft.epochs)
+
+    n = len(train_idx)
+    for epoch in range(start_epoch, ft.epochs + 1):
+        e0 = time.perf_counter()
+        model.train()
+        # Per-epoch seeds: batch order, modality dropout and dropout replay identically after a resume.
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        drop_image, drop_text = modality_dropout_masks(n, cfg.modality_dropout, gen, inputs["train"].image_missing,
+                                                       inputs["train"].text_missing)
+        total_loss, seen = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        order = torch.randperm(n, generator=gen).split(ft.batch_size)
+        for b, idx in enumerate(order):
+            batch = inputs["train"].batch(idx, device)
+            batch["image_missing"] |= drop_image[idx].to(device)
+            batch["text_missing"] |= drop_text[idx].to(device)
+            with autocast(device, dtype):
+                logits = model(**batch)
+            loss = criterion(logits.float(), y["train"][idx].to(device))
+            (loss * len(idx) / (ft.batch_size * ft.grad_accum)).backward()  # mean over the accumulated rows
+            total_loss += loss.item() * len(idx)
+            seen += len(idx)
+            if (b + 1) % ft.grad_accum == 0 or b + 1 == len(order):
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(total_loss):
+            raise FinetuneError(f"{NAME}: training loss became {total_loss} at epoch {epoch}; lower "
+                                f"train.finetune.lr_head ({ft.lr_head}) and lr_encoder ({ft.lr_encoder})")
+        val_proba = predict_proba(model, inputs["val"], ft.batch_size * 2, dtype)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_proba).clamp(min=1e-12)), y["val"],
+                                                weight=weight))
+        val_f1 = macro_f1(y["val"].numpy(), val_proba.argmax(1))
+        lrs = scheduler.get_last_lr()
+        history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
+                        "val_macro_f1": val_f1, "lr_encoder": lrs[0], "lr_head": lrs[1],
+                        "seconds": round(time.perf_counter() - e0, 3)})
+        if is_better(val_f1, val_loss, best_f1, best_loss):
+            best_f1, best_loss, best_ep = val_f1, val_loss, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.trained_state().items()}
+        save_checkpoint(ckpt_dir, model, optimizer, scheduler,
+                        {"epoch": epoch, "epochs": ft.epochs, "history": history, "best_epoch": best_ep,
+                         "best_val_macro_f1": best_f1, "best_val_loss": best_loss, "fingerprint": key}, best_state)
+        log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val macro-F1 %.3f (%.1f s)", NAME, epoch,
+                 ft.epochs, history[-1]["train_loss"], val_loss, val_f1, history[-1]["seconds"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history[-1], model)
+
+    load_trained(model, {k: v.to(device) for k, v in best_state.items()}, ckpt_dir / "tensors.safetensors")
+    proba = {s: predict_proba(model, inputs[s], ft.batch_size * 2, dtype) for s in ("val", "test")}
+    missing = {m: predict_proba(model, inputs["test"], ft.batch_size * 2, dtype, drop=m) for m in ("text", "image")}
+    info = {
+        "family": "finetuned",
+        "best_epoch": best_ep,
+        "epochs_run": len(history),
+        "resumed_from_epoch": resumed_from,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "prepare_seconds": round(prep_seconds, 3),
+        "train_rows_used": int(len(train_idx)),
+        "train_rows_available": int((split == "train").sum()),
+        "val_metrics": compute_metrics(y["val"].numpy(), proba["val"], labels),
+        "history": history,
+        "labels": labels,
+        "device": str(device),
+        "precision": precision_name(dtype),
+        "tuned": {"image_units": model.image.tuned, "image_units_total": len(model.image.units),
+                  "text_layers": model.text.tuned, "text_layer_path": model.text.layer_path},
+        "checkpoint": str(ckpt_dir),
+        "config": cfg.finetune.model_dump(),
+    }
+    head_dir = save_finetuned(model, out_dir / NAME, info)
+    (out_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))  # as train_all writes it: class = position
+    ids = {s: df["id"].iloc[r].to_numpy().astype(str) for s, r in rows.items()}  # unicode, not object: no pickle
+    np.savez(head_dir / PREDICTIONS_FILE,
+             **{f"{s}_proba": proba[s] for s in ("val", "test")},
+             **{f"{s}_y": y[s].numpy() for s in ("val", "test")},
+             **{f"{s}_ids": ids[s] for s in ("val", "test")},
+             test_proba_missing_text=missing["text"], test_proba_missing_image=missing["image"])
+    return json.loads((head_dir / HEAD_FILE).read_text())
+
+
+def _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end):
+    import shutil
+
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return finetune_head(validated_path, cfg, encoders, out_dir, cache_dir=cache_dir, max_pixels=max_pixels,
+                         on_epoch_end=on_epoch_end)
+
+
