@@ -6,10 +6,12 @@ Run from the repository root with the project's virtual environment::
     .venv/bin/python -m benchmarks.train [--quick]
     .venv/bin/python -m benchmarks.predict [--quick]
     .venv/bin/python -m benchmarks.flow [--quick]
+    .venv/bin/python benchmarks/validate.py [--rows N --images M]
+    .venv/bin/python benchmarks/serve_load.py [--clients N --requests M]
 
-Each prints its figures, the targets with PASS/FAIL, and ends with one JSON object on its last line.
-``--quick`` uses CI-friendly sizes (a minute or two on a 2-core CPU). Targets are printed, never asserted:
-a benchmark is a measurement, and timings on a shared machine are noisy.
+Each prints its figures and ends with one JSON object on its last line; those built on :func:`parser` also print
+their targets with PASS/FAIL. ``--quick`` uses CI-friendly sizes. Targets are printed, never asserted: a benchmark
+is a measurement, and timings on a shared machine are noisy.
 """
 
 from __future__ import annotations

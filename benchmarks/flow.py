@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.flow [--quick]        # or: .venv/bin/python benchmarks/flow.py
 
-Data: the embedded demo dataset (``crossmodal.data.generate_demo``), by default at the shipped size and settings
+Data: the embedded demo dataset (``crossmodal.data.demo.generate_demo``), by default at the shipped size and settings
 (1,500 rows plus the deliberately broken ones, every head including the fine-tuned one), as ``crossmodal demo``
 runs it. ``--quick``: 300 rows of 64 px images, without the fine-tuned head and the scikit-learn baselines.
 

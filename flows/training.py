@@ -1,19 +1,14 @@
 """The training flow: validate -> extract -> train -> evaluate -> publish, as Prefect tasks.
 
-Wiring only: every task calls a stage function from ``crossmodal`` and passes paths, ids and hashes, never frames
-or models, so results stay small, caching stays cheap and a retry reads from disk.
-
-Run it:
-    crossmodal run --manifest data/demo/manifest.csv          # same as: python -m flows.training
+    crossmodal run --manifest data/demo/manifest.csv          # or: python -m flows.training [params.yaml]
     crossmodal run --force                                    # recompute every stage, register again
-Without ``PREFECT_API_URL`` it starts a temporary Prefect API for the run; with it, the run shows in that server's
-UI. ``crossmodal schedule --cron "0 3 * * *"`` serves it on a schedule (see flows/schedule.py).
 
-Every stage is skipped when its inputs, settings and code are unchanged (``crossmodal.pipeline.stages``: content keys,
-outputs under ``<paths.cache>/stages/``, linked into the run folder; extraction keeps its Prefect cache on top of
-the feature store), and publishing registers nothing when the model is identical to a registered version. A
-skipped stage's task ends in state ``Cached``. The flow's result (and ``<run folder>/stages.json``) says per stage
-whether it was cached, its key and its seconds, under ``"stages"``.
+Wiring only: every task calls a stage function from ``crossmodal`` and passes paths, ids and hashes, never frames
+or models, so results stay small and a retry reads from disk. Unchanged stages are served from the stage cache
+(``crossmodal.pipeline.stages``) and end in state ``Cached``; publishing registers nothing when the model is
+identical to a registered version. The flow returns the run's summary with, under ``"stages"`` (also written to
+``<run folder>/stages.json``), whether each stage was cached, its key and its seconds. Without
+``PREFECT_API_URL`` the run starts a temporary Prefect API; scheduled runs: ``flows.schedule``.
 """
 
 from __future__ import annotations
@@ -197,8 +192,7 @@ def run_training(params_path: str = "params.yaml", overrides: dict[str, Any] | N
     ``heartbeats``: Prefect's flow-run heartbeats let a Prefect server mark a run whose process died as crashed.
     None (the default) keeps them only when the run reports to a server that outlives this process
     (``PREFECT_API_URL`` set): the temporary API of a run without one ends with the process, so there is nobody to
-    tell, and stopping the heartbeat thread costs up to a second at the end of every run (it sleeps in 1 s steps),
-    which is most of a re-run whose stages are all cached.
+    tell, and stopping the heartbeat thread delays the end of every run (it sleeps in one-second steps).
     """
     from contextlib import nullcontext
 

@@ -1,7 +1,8 @@
 """The catalog of files a run writes: every name spelled once, with its format and the stage that writes it.
 
-Paths are relative to the stage's output folder (``work/runs/<run>/<validated|features|models|reports>/`` for a
-flow run, the ``--out`` folder for a CLI stage command).
+Paths are relative to the stage's output folder: the ``--out`` folder of a CLI stage command, or
+``work/runs/<run>/<validated|models|reports>/`` for a flow run (whose features stay in the feature store under
+``paths.cache``).
 
 | constant | file | format | written by |
 |---|---|---|---|

@@ -1,9 +1,12 @@
 """Typed configuration: every knob of the pipeline, read from ``params.yaml``.
 
-The CLI, the Prefect flows and ``dvc.yaml`` all read the same file through
-:func:`load_config`, so a value means the same thing wherever it is used.
-Unknown keys are rejected (``extra="forbid"``): a typo in ``params.yaml`` is an
-error that names the key, not a setting silently ignored.
+    from crossmodal.config import load_config
+    cfg = load_config("params.yaml", {"train.lr": 0.01})   # defaults where the file or a key is absent
+    cfg.train.lr, cfg.encoders.image.name
+
+The CLI, the Prefect flows and ``dvc.yaml`` all read the same file through :func:`load_config`, so a value means
+the same thing wherever it is used. Unknown keys are rejected (``extra="forbid"``): a typo in ``params.yaml`` is a
+ConfigError that names the key, not a setting silently ignored.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ class StackingConfig(_Section):
     folds: int = Field(5, ge=2, le=20)  # K of the K-fold on the train split that makes the out-of-fold probabilities
     mlp_hidden: int = Field(16, ge=2)  # hidden units when meta is "mlp"
     # On a larger train split, only the fewest whole folds holding this many rows are predicted (their fold models
-    # are the ones the full K-fold trains; fusion/stacking.py); null: every fold, whatever the size.
+    # are the ones the full K-fold trains; crossmodal.training.stacking); null: every fold, whatever the size.
     oof_rows: Annotated[int, Field(ge=1)] | None = 8192
 
 
@@ -146,8 +149,8 @@ class TraditionalConfig(_Section):
 class FinetuneConfig(_Section):
     """The fine-tuned cross-attention head (``crossmodal.training.finetune``): encoders' last layers + a fusion head.
 
-    The defaults are a budget for a 2-core CPU (the demo's 1,041 train rows; 4-11 s per epoch on free cores);
-    on a GPU raise ``max_train_rows``, ``epochs`` and ``image_size``.
+    The defaults are a budget for a small CPU and the demo dataset; on a GPU raise ``max_train_rows``, ``epochs``
+    and ``image_size``.
     """
 
     enabled: bool = True  # also needs finetune_xattn in train.heads; `--no-finetune` sets this to false
@@ -169,7 +172,7 @@ class FinetuneConfig(_Section):
     attention_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     resume: bool = True  # continue from a checkpoint of the same data and settings (a finished one is reused)
-    checkpoint_dir: str | None = None  # default: <paths.cache>/finetune (or <out>/finetune_xattn/checkpoints)
+    checkpoint_dir: str | None = None  # default: <paths.cache>/finetune (without a cache: <out>/.finetune_checkpoints)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> FinetuneConfig:
@@ -202,8 +205,7 @@ class TrainConfig(_Section):
     modality_dropout: float = Field(0.0, ge=0, lt=1)
     # Processes that train the frozen-feature heads at once (this one included), one torch thread each; the
     # results are the same whatever the number. auto: one per CPU core (memory permitting) when the heads should
-    # take more than a worker needs to start (about 2 s on 2 cores: the demo's 1,000 training rows do), else 1.
-    # See crossmodal.training.pool.
+    # take longer than starting a worker does, else 1. See crossmodal.training.pool.
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     finetune: FinetuneConfig = FinetuneConfig()
 

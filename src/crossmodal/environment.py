@@ -1,8 +1,8 @@
 """Quiet, offline defaults for the libraries crossmodal drives, set before any of them is imported.
 
 An explicit user setting always wins (``setdefault``): a user with internet can unset ``HF_HUB_OFFLINE`` to fetch
-hub models. ``import crossmodal`` applies them, so every entry point (CLI, flows, a loaded pyfunc model, a Dask
-worker) gets them before Prefect, MLflow or transformers read their settings.
+hub models. ``import crossmodal`` applies them, so every entry point (CLI, flows, a loaded pyfunc model, a training
+worker process) gets them before Prefect, MLflow or transformers read their settings.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Atomic file writes and content hashes: a reader sees the old file or the new one, never half of either.
 
-    with atomic_path("out/table.parquet") as tmp:   # any library writes to tmp
-        pq.write_table(table, tmp)
-    write_json("reports/summary.json", summary)
+    from crossmodal.files import atomic_path, write_json
+    with atomic_path("out/table.parquet") as tmp:   # any library writes to tmp; renamed onto the path on success
+        frame.to_parquet(tmp)
+    write_json("reports/summary.json", {"rows": len(frame)})
 
 The temporary file sits in the destination's folder (so the rename is atomic) under a unique name (two writers
 never share one), is flushed to disk before the rename, and is removed if writing fails.
@@ -23,6 +24,7 @@ from typing import Any
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"

@@ -4,7 +4,7 @@
     device = resolve_device("auto")                    # CUDA, else Apple MPS, else CPU
     dtype = resolve_precision("auto", device)          # bf16 where fast, fp16 on older GPUs, None (fp32) elsewhere
 
-Used by ``crossmodal.features.extractor.FeatureExtractor`` (and re-exported there).
+Used by the feature extractor (``crossmodal.features.extractor``), fine-tuning, serving and the training pool.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 # --------------------------------------------------------------------------- batch sizes and workers
-# Image batches on a CPU are small on purpose: a batch of 8 keeps a block's activations in the cache, and measured
-# 1.4x the images/s of a batch of 32 for EfficientNet-Lite0 (bf16, 2 cores). With ``auto``, decoding still runs in
-# loader batches of at least LOADER_BATCH images, so the workers hand over few, large batches.
+# Image batches on a CPU are small on purpose: a batch of 8 keeps a block's activations in the CPU cache, which
+# beats larger batches there (docs/features.md). With ``auto``, decoding still runs in loader batches of at least
+# LOADER_BATCH images, so the workers hand over few, large batches.
 AUTO_BATCH = {("image", "cpu"): 8, ("image", "gpu"): 256, ("text", "cpu"): 64, ("text", "gpu"): 512}
 LOADER_BATCH = 32
 

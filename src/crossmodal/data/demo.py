@@ -1,4 +1,9 @@
-"""The embedded demo dataset: memes and captions, sarcasm detection. No download, a few seconds.
+"""The embedded demo dataset: rendered memes with captions, labelled for sarcasm; no download needed.
+
+Each scene has a *mood* (sunny or gloomy, carried by the palette) and each caption a *sentiment* (positive,
+negative or neutral). The label needs both: ``neutral`` for a neutral caption, ``sincere`` when sentiment and mood
+agree, ``sarcastic`` when they clash; ``label_noise`` of the labels are flipped. The same ``seed`` gives the same
+manifest, byte for byte.
 
 Usage::
 
@@ -6,31 +11,9 @@ Usage::
     from crossmodal.data.demo import generate_demo
     manifest = generate_demo("data/demo", DemoConfig(rows=1500, seed=7))   # -> data/demo/manifest.csv
 
-Each row pairs a rendered scene with a caption:
-
-* the image (``images/mNNNNN.jpg``, ``image_size`` px JPEG) has a *mood*: **sunny** (sky and
-  warm yellow/orange palette, a sun, a smiling face) or **gloomy** (grey/blue palette, clouds,
-  rain streaks, a frowning face). Position, size, colour jitter, clutter and noise vary, so no
-  two images are alike; the mood is carried by the global palette, which frozen pretrained CNN
-  features pick up easily;
-* the caption has a *sentiment*: positive ("What a wonderful day at the beach!"), negative
-  ("Worst morning ever, everything went wrong") or neutral ("Photo taken on Tuesday near the
-  station"). Positive and negative captions share their templates, so only the sentiment
-  words differ.
-
-The label needs both modalities: ``neutral`` when the caption is neutral, ``sincere`` when the
-caption's sentiment matches the image's mood, ``sarcastic`` when it contradicts it. A
-text-only model can find the neutral rows but is at chance between sincere and sarcastic
-(about 0.67 macro-F1 at best); an image-only model is at chance everywhere (about 0.33); a
-fused model can reach about 0.95 (``label_noise`` of the labels are flipped at random).
-
-Columns: ``id, image, text, label, group`` (``group`` is a fake poster id, about 5 rows each;
-there is no split column: the pipeline makes a grouped, stratified split).
-
-With ``bad_rows`` (the default) six deliberately broken rows are appended, so a demo run
-shows the quarantine at work: a missing image file, a truncated JPEG, a 0-byte image, a text
-file named ``.jpg``, a whitespace-only caption and a missing label. Their ids start with
-``bad-``. Same ``seed`` -> the same manifest, byte for byte.
+Columns: ``id, image, text, label, group`` (``group`` is a fake poster id; there is no split column, the
+pipeline makes a grouped, stratified split). With ``bad_rows`` six broken rows (ids ``bad-*``: a missing, a
+truncated, an empty and a not-an-image file, a blank caption, a missing label) show the quarantine at work.
 """
 
 from __future__ import annotations

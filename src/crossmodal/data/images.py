@@ -179,9 +179,8 @@ def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) on the CPU -> uint8 (N, 3, size, size): shorter side to ``size``, bicubic, centre crop.
 
     torch's uint8 bicubic with antialiasing computes what Pillow's ``Image.resize(BICUBIC)`` does (separable
-    passes, Pillow's filter support and rounding; within one level on photos, two at extreme aspect ratios, on
-    under 1% of the pixels) about 4.5x faster: 0.5 ms instead of 2.2 ms for a 500x375 photo, which was a third of
-    the CPU an image cost before the encoder.
+    passes, Pillow's filter support and rounding; the same pixels to within a level or two) at a fraction of
+    Pillow's CPU cost, which matters because the resize is a large share of an image's work before the encoder.
     """
     import torch.nn.functional as F
 

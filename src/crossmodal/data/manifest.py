@@ -1,23 +1,19 @@
-"""Read a manifest (CSV, JSON Lines or Parquet) into the canonical row table.
+"""Read a manifest (CSV, JSON Lines or Parquet) into the canonical row table that validation checks.
+
+Values are kept raw (nothing stripped or cleaned) so that validation can say exactly what is wrong with a row.
 
 Usage::
 
     from crossmodal.config import Columns
-from crossmodal.errors import DataError
     from crossmodal.data.manifest import read_manifest
     df = read_manifest("data/demo/manifest.csv", Columns())          # or Columns(text="caption")
 
-The result always has the columns ``_row, id, image, text, label, split, group``
-(``_row`` is the 0-based row number in the file; ``split``/``group`` are None when the
-manifest has no such column; ``id`` is ``"row-<_row>"`` when it has no id column).
-
-Values are kept *raw*: nothing is stripped or cleaned here, so that validation can say
-exactly what was wrong with a row. Missing cells become None. Bytes that are not valid
-UTF-8 are kept as lone surrogates (``surrogateescape``) instead of failing the whole
-file; ``crossmodal.validation`` quarantines those rows and names them. Labels, ids, splits
-and groups are converted to ``str`` (a numeric label 1 becomes "1"); a JSON list or object where one
-value belongs is kept as its JSON text, marked (:class:`Structured`) so that validation quarantines
-the row. A CSV's separator (comma, semicolon, tab or pipe) is read from its header line.
+The result always has the columns ``_row, id, image, text, label, split, group`` (``_row``: the 0-based row
+number in the file; ``split``/``group``: None without such a column; ``id``: ``"row-<_row>"`` without one).
+Missing cells are None; other values are ``str`` (a numeric label 1 is "1"). Bytes that are not valid UTF-8 stay
+as lone surrogates (``surrogateescape``) and a JSON list or object where one value belongs is kept as a
+:class:`Structured` string, so one bad cell quarantines its row, not the file. A CSV's separator (comma,
+semicolon, tab or pipe) is read from its header line. Unreadable files raise :class:`DataError`.
 """
 
 from __future__ import annotations

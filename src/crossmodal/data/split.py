@@ -1,20 +1,19 @@
 """Train/val/test splits: a stratified, grouped, seeded assignment, and the split-name aliases.
 
+``assign_splits`` runs when the manifest has no split column. Rows that share a non-null ``group`` (a poster, a
+patient, a product) always land in the same split, so a model cannot score well by recognising a group it saw in
+training; rows with a null group are units of their own.
+
 Usage::
 
+    from crossmodal.config import SplitConfig
     from crossmodal.data.split import assign_splits
-    df["split"] = assign_splits(df, cfg.data.split)     # df needs columns label and group
+    df["split"] = assign_splits(df, SplitConfig(seed=42))     # df needs a label column; group is optional
 
-Rows that share a non-null ``group`` (e.g. the same poster, patient or product) always land
-in the same split, so a model cannot score well by recognising a group it saw in training.
-Rows with a null group are units of their own.
-
-The algorithm is deliberately simple, so a reader can predict it: each unit (a group or a
-lone row) is filed under its most common label; per label (in sorted order) the units are
-shuffled with one seeded generator; the first unit goes to train (so every class with rows
-has a train row), then units fill test up to ``round(n * test_fraction)`` rows, then val up
-to ``round(n * val_fraction)``, and the rest go to train. A class of 2-3 rows therefore stays
-wholly in train: too small to say anything on val/test, but still learnt.
+The algorithm is kept simple so that its result can be predicted: each unit is filed under its most common
+label; per label (sorted) the units are shuffled with one seeded generator; the first goes to train (so every
+class has a train row), then units fill test up to ``round(n * test_fraction)`` rows, then val up to
+``round(n * val_fraction)``, and the rest go to train. A class of 2-3 rows thus stays wholly in train.
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ def assign_splits(df: pd.DataFrame, cfg: SplitConfig | None = None) -> pd.Series
                 split = "train"
             filled[split] += len(rows)
             if len(rows) == 1:
-                out[rows[0]] = split  # scalar store: fancy indexing per row costs seconds on a million rows
+                out[rows[0]] = split  # scalar store: most units are one row, and fancy indexing per row is slow
             else:
                 out[rows] = split
     return pd.Series(out, index=df.index, dtype=object, name="split")

@@ -1,4 +1,4 @@
-"""Caption cleaning shared by validation, feature extraction, fine-tuning and the served model.
+r"""Caption cleaning shared by validation, feature extraction, fine-tuning and the served model.
 
     from crossmodal.data.text import clean_text
     clean_text("  Hello\u200b  world\n")               # "Hello world"
@@ -34,7 +34,7 @@ def clean_text(s: str | None) -> str:
         return ""
     if not isinstance(s, str):
         s = str(s)
-    if s.isascii() and s.isprintable():  # the common case: nothing to normalise or remove (10x faster)
+    if s.isascii() and s.isprintable():  # fast path for the common case: nothing to normalise or remove
         return " ".join(s.split())
     s = _STRAY_JOINER.sub("", unicodedata.normalize("NFC", s).translate(_ZERO_WIDTH))
     # Control characters (category Cc) other than whitespace carry no meaning in a caption; NUL among them.

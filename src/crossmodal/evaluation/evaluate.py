@@ -1,41 +1,25 @@
-"""Evaluate trained heads: metrics, plots, per-class reports, and which head wins.
+"""Evaluate trained heads: metrics, calibration, plots, per-class reports, and which head wins.
 
     from crossmodal.evaluation.evaluate import evaluate_all
     from crossmodal.evaluation.tables import comparison_table
-    metrics = evaluate_all("work/train", "reports")     # reads what crossmodal.training.train wrote
+    metrics = evaluate_all("work/models", "reports")     # reads what crossmodal.training.train wrote
     print(comparison_table(metrics))
 
-Writes under ``out_dir``:
-    metrics.json                 {"heads": {HEAD: {"val", "test", "per_class", "modality", "family", "temperature",
-                                 "ece", "ece_calibrated", "test_calibrated"}}, "labels", "best_fusion",
-                                 "best_unimodal", "best_head", "best_traditional", "registered_head",
-                                 "fusion_gain_macro_f1", "selection_metric": "macro_f1"}
-                                 each head also has "missing_text", "missing_image" and "attribution"
+Writes under ``out_dir`` (names in ``crossmodal.artifacts``):
+    metrics.json                 {"heads": {HEAD: {"val", "test", "test_calibrated", "per_class", "modality", "family",
+                                 "temperature", "ece", "ece_calibrated", "missing_text", "missing_image",
+                                 "attribution"}}, "labels", "best_fusion", "best_unimodal", "best_head",
+                                 "best_traditional", "registered_head", "fusion_gain_macro_f1", "selection_metric"}
     robustness.md                each head's test macro-F1 with both modalities, without text, without image
-    plots/<head>_confusion.png   test confusion matrix (counts)
-    plots/<head>_roc.png         test ROC curves (one per class when there are more than two)
-    plots/<head>_reliability.png test reliability diagram before and after temperature scaling
-    per_class/<head>.json        sklearn classification_report on test (precision, recall, f1, support)
+    plots/<head>_confusion.png, <head>_roc.png, <head>_reliability.png   test confusion, ROC, reliability
+    per_class/<head>.json        sklearn classification_report on test
 
-``missing_text`` / ``missing_image`` are the ``test`` metrics recomputed with that modality removed from
-every test row (null when the head's predictions.npz lacks them). ``attribution`` summarises, per true
-class and overall, the mean leave-one-modality-out drop of the predicted class's probability (``image``:
-p(full) - p(without image), ``text`` likewise; large = the prediction leaned on that modality) and, for
-heads with gates, the mean gate weights ``gate_image`` / ``gate_text``.
-
-Heads are *chosen* on validation macro-F1 (the test split is never used to pick a
-winner); the fusion gain is *reported* on test. A metric that is undefined (AUC when a
-class is missing from y_true, anything on an empty split) is ``None`` / JSON null.
-
-Calibration: every head, deep or traditional, gets a temperature ``T`` fitted on its validation
-probabilities (minimising the negative log-likelihood of ``softmax(log(p) / T)``); ``ece`` is the
-test ECE as trained, ``ece_calibrated`` after scaling. Scaling never changes the argmax, so accuracy,
-macro-F1 and the winner stay the same. The registered model applies its head's ``T``.
-
-Families: "frozen" (heads on frozen features), "finetuned", "traditional" (scikit-learn baselines).
-Winners (best_head, best_fusion, best_unimodal) are chosen among the deep heads; ``best_traditional``
-names the best baseline; ``registered_head`` is the head the registry step logs: the best deep fusion
-head (the best deep head when no fusion head was trained).
+Winners are chosen on validation macro-F1 among the deep heads, never on test; the fusion gain is reported on
+test. ``registered_head`` is the best deep fusion head (the best deep head when no fusion head was trained); the
+traditional baselines are compared, never registered. Every head gets a temperature fitted on validation
+(``crossmodal.evaluation.calibration``); it keeps the argmax, so accuracy, macro-F1 and the winner are unchanged.
+``missing_*`` and ``attribution`` are null when the head's predictions lack the rows with a modality removed; an
+undefined metric (AUC with a class missing, anything on an empty split) is null.
 """
 
 from __future__ import annotations

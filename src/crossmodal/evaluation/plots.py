@@ -1,7 +1,8 @@
 """The evaluation plots, one PNG per head: confusion matrix, one-vs-rest ROC curves, reliability diagram.
 
-    from crossmodal.evaluation.plots import plot_confusion, plot_roc, plot_reliability
-    plot_confusion(y, proba, labels, "gated (test)", Path("reports/gated/confusion.png"))
+    from pathlib import Path
+    from crossmodal.evaluation.plots import plot_confusion, plot_reliability, plot_roc
+    plot_confusion(y, proba, labels, "gated: test confusion matrix", Path("reports/plots/gated_confusion.png"))
 
 Drawn with matplotlib's Agg backend (no display needed); called by ``crossmodal.evaluation.evaluate.evaluate_all``.
 """

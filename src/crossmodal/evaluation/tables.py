@@ -28,7 +28,7 @@ def comparison_table(metrics: dict) -> str:
     """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line.
 
     ``family`` (traditional / frozen / finetuned) and ``kind`` (fusion / unimodal) put baselines and deep heads,
-    unimodal and fused, side by side; ``ECE cal`` is the test ECE after temperature scaling.
+    unimodal and fused, side by side; ``ECE-cal`` is the test ECE after temperature scaling.
     """
 
     def fmt(v):

@@ -1,25 +1,20 @@
 """The feature store: image and text features for every validated row, content-addressed on disk.
 
+A second run with nothing changed reads the cache and never loads an encoder. The encoders themselves (device,
+precision, batching) are ``crossmodal.features.extractor``.
+
 Usage::
 
+    from crossmodal.config import EncodersConfig
     from crossmodal.features.extract import extract_features
-    res = extract_features("work/validated/validated.parquet", cfg.encoders, ".cache/crossmodal")
+    res = extract_features("work/validated/validated.parquet", EncodersConfig(), ".cache/crossmodal")
     res.image_path, res.text_path, res.computed        # .npy files in validated.parquet row order
 
-The feature store is content-addressed: the image key hashes the ordered ``image_sha256`` list, the
-text key the ordered texts, each with its encoder name, its parameters (image size / max length) and
-the precision. Image and text are cached separately, so changing the image size leaves the text
-features alone. A second run with nothing changed reads the cache and never loads an encoder.
-
-Features are written as they are computed, in chunks of ``CHUNK_ROWS`` distinct inputs, each chunk an
-atomic file under ``<cache>/<kind>/<key>.parts/``. Memory therefore stays flat however many rows there
-are, and a run that is killed resumes from the chunks already on disk. When every chunk is there, they
-are assembled (streamed, row block by row block) into the one ``<cache>/<kind>/<key>.npy`` callers read.
-
-A row whose image (or text) is absent (null or empty in validated.parquet) gets an all-NaN row in that
-modality's array and is not encoded: NaN means "this modality is missing for this row".
-
-The encoders themselves (device, precision, batching) live in ``crossmodal.features.extractor``.
+Keys: the image key hashes the ordered ``image_sha256`` list, the text key the ordered texts, each with its
+encoder name, parameters and precision, so image and text are cached separately. Files:
+``<cache>/<kind>/<key>.npy`` (float32, one row per validated row) with ``<key>.json``; while computing,
+atomic chunk files of ``CHUNK_ROWS`` distinct inputs under ``<key>.parts/``, so memory stays flat and a killed
+run resumes from the chunks on disk. A row whose image (or text) is absent gets an all-NaN row in that array.
 """
 
 from __future__ import annotations
@@ -52,11 +47,11 @@ log = logging.getLogger(__name__)
 # Bump when preprocessing or pooling changes in a way that changes features: old cache entries then miss.
 FEATURE_VERSION = 1
 # How images become features (resize in crossmodal.data.images.image_to_tensor, the encoder graph in
-# crossmodal.features.extractor.FeatureExtractor.image_module): features from an earlier pipeline differ by rounding, so they are
-# not mixed with new ones.
+# crossmodal.features.extractor.FeatureExtractor.image_module): features from an earlier pipeline differ by
+# rounding, so they are not mixed with new ones.
 IMAGE_PIPELINE = 2
 REQUIRED_COLUMNS = ("id", "image", "text", "image_sha256")
-# Distinct inputs per chunk file: 512 x 1280 float32 = 2.6 MB, a few seconds of CPU work (the most a kill loses).
+# Distinct inputs per chunk file: one chunk is the most work a killed run loses.
 CHUNK_ROWS = 512
 ASSEMBLE_ROWS = 8192  # rows per block when the chunks are streamed into the final .npy
 MISSING = "\x00missing"  # stands for an absent image/text in the content key (no sha256 or text looks like it)

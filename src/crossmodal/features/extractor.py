@@ -1,23 +1,24 @@
 """Embedding: pretrained encoders turn raw images and texts into fixed-size vectors, batched, on the best device.
 
+Used by the feature store (``crossmodal.features.extract``) and by the served model
+(``crossmodal.serving.fused_model``), so training and serving embed inputs the same way. Device, precision, batch
+sizes and worker counts are decided in ``crossmodal.hardware``; image decoding is
+``crossmodal.features.image_sources``, batched JPEG decoding on CUDA ``crossmodal.features.jpeg``.
+
 Usage::
 
+    from crossmodal.config import EncodersConfig
     from crossmodal.features.extractor import FeatureExtractor
-    fx = FeatureExtractor(cfg.encoders)                   # encoders load on first use
-    img = fx.embed_images(["a.jpg", open("b.png", "rb").read()])   # float32 (2, fx.image_dim)
-    txt = fx.embed_texts(["a red bus", "two cats"])                # float32 (2, fx.text_dim)
-
-    for feats in fx.iter_image_features(paths):          # the same, one batch at a time (the feature store)
+    fx = FeatureExtractor(EncodersConfig())                          # encoders load on first use
+    img = fx.embed_images(["a.jpg", open("b.png", "rb").read()])     # float32 (2, fx.image_dim)
+    txt = fx.embed_texts(["a red bus", "two cats"])                  # float32 (2, fx.text_dim)
+    for feats in fx.iter_image_features(["a.jpg", "b.png"]):         # the same, one batch at a time
         ...
 
-Used by the feature store (``crossmodal.features.extract``) and by the served model (``crossmodal.serving.fused_model``), so training and
-serving embed inputs the same way. Speed on CPU comes from layout and precision more than from batching:
-channels_last makes depthwise convolutions ~2x faster and bf16 autocast another ~2x on CPUs with AVX512-BF16/AMX
-(fp32 elsewhere), and the encoder runs with its BatchNorm folded into the convolutions. On a CPU every core decodes
-and encodes its own batches; with a GPU images are decoded in DataLoader workers while the encoder runs, and plain
-JPEGs are decoded in batches on the GPU (``crossmodal.features.jpeg``) from pinned memory. Device, precision, batch sizes and
-worker counts are decided in ``crossmodal.hardware``; image decoding is ``crossmodal.features.image_sources``. Texts are tokenized once per chunk and batched by
-length. Batch sizes start from the config (``auto``: by device) and halve whenever the device runs out of memory.
+On a CPU the speed comes from layout and precision more than from batching: channels-last, bf16 autocast where
+the CPU is fast at it, BatchNorm folded into the convolutions, and every core decoding and encoding its own
+batches. Texts are tokenized once per chunk and batched by length. Batch sizes halve whenever the device runs out
+of memory.
 """
 
 from __future__ import annotations
@@ -175,11 +176,10 @@ class FeatureExtractor:
     def _iter_threaded(self, sources: list, names: list[str] | None, threads: int, progress: bool):
         """The CPU pipeline: ``threads`` threads, each on one torch thread, each decoding a batch and encoding it.
 
-        Why not decoding workers plus a 2-thread encoder: on a machine with few cores the decoding process takes a
-        core from the encoder's OpenMP team, whose threads then wait on each other at every layer; measured on 2
-        cores, 117 images/s that way against 185 with a thread per core doing both (decoding and torch release the
-        GIL, and torch's thread count is per calling thread). Batches come back in input order; at most two per
-        thread are in flight, so memory stays flat.
+        Why not decoding workers plus a multi-threaded encoder: on a machine with few cores the decoding process
+        takes a core from the encoder's OpenMP team, whose threads then wait on each other at every layer; a thread
+        per core doing both avoids that (decoding and torch release the GIL, and torch's thread count is per calling
+        thread). Batches come back in input order; at most two per thread are in flight, so memory stays flat.
         """
         import collections
         import itertools

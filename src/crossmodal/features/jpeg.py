@@ -1,19 +1,17 @@
 """Batched JPEG decoding and resizing on a torch device: nvJPEG on CUDA, the same arithmetic as the CPU path.
 
+On a GPU, Pillow decoding on the CPU is the bottleneck; batched nvJPEG decoding on the device removes it. Only
+JPEGs that the CPU path would turn into the very same pixels take this route (three-channel RGB, complete, no EXIF
+rotation, within the pixel limit); anything else, and any file the device decoder rejects, goes through
+``crossmodal.data.images`` on the CPU, which also gives the user-facing error.
+
 Usage::
 
+    import torch
     from crossmodal.features.jpeg import gpu_ready_jpeg, decode_resize
-    ok = gpu_ready_jpeg(data, max_pixels)          # plain RGB JPEG, upright, within the pixel limit?
-    x = decode_resize([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], 224, "cuda")
-    # uint8 (N, 3, 224, 224) on the device, as crossmodal.data.images.image_to_tensor(load_image(d), 224)
-
-On a GPU, Pillow decoding is the limit (about 200 images/s per CPU core); batched nvJPEG decoding on the device
-removes it. Only JPEGs that the CPU path would turn into the very same pixels take this route: three-channel
-(Pillow mode RGB), complete (ends with the end-of-image marker), no EXIF rotation, declared size within
-the pixel limit. Anything else, and any file the device
-decoder rejects, goes through ``crossmodal.data.images`` on the CPU, which also gives the user-facing error.
-The resize reproduces ``image_to_tensor``: shorter side to ``size`` (long side truncated as torchvision does),
-bicubic with antialiasing (Pillow's filter: a = -0.5, support widened when shrinking), centre crop, rounded to uint8.
+    ok = gpu_ready_jpeg(data, max_pixels=None)      # plain RGB JPEG, upright, within the pixel limit?
+    x = decode_resize([torch.frombuffer(bytearray(data), dtype=torch.uint8)], 224, "cuda")
+    # uint8 (1, 3, 224, 224) on the device, as crossmodal.data.images.image_to_tensor(load_image(data), 224)
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ _ORIENTATION = 0x0112
 def gpu_ready_jpeg(data: bytes, max_pixels: int | None) -> bool:
     """True if ``data`` is a JPEG the device decoder turns into the same pixels as ``load_image``.
 
-    Reads the header only (Pillow opens lazily), so this costs microseconds, not a decode.
+    Reads the header only (Pillow opens lazily), so this is cheap next to a decode.
     """
     if not data.startswith(_SOI) or not data.rstrip(b"\x00").endswith(_EOI):
         return False  # not a JPEG, or a truncated one (Pillow refuses those; let it say so)
@@ -58,9 +56,10 @@ def gpu_ready_jpeg(data: bytes, max_pixels: int | None) -> bool:
 def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) of one shape -> uint8 (N, 3, size, size), as ``image_to_tensor`` does it.
 
-    On the CPU that is ``preprocess.resize_crop`` itself. On a GPU, where torch has no uint8 antialiased bicubic,
-    the same filter runs in float: two passes, horizontal then vertical, rounded to uint8 in between, as Pillow
-    resamples 8-bit images (the clipping between the passes matters next to hard edges, where bicubic overshoots).
+    On the CPU that is ``crossmodal.data.images.resize_crop`` itself. On a GPU, where torch has no uint8
+    antialiased bicubic, the same filter runs in float: two passes, horizontal then vertical, rounded to uint8 in
+    between, as Pillow resamples 8-bit images (the clipping between the passes matters next to hard edges, where
+    bicubic overshoots).
     """
     import torch
     import torch.nn.functional as F

@@ -1,22 +1,16 @@
-"""Pieces every fusion head shares: per-modality standardisation and a small MLP block.
+"""Pieces every fusion head shares: per-modality standardisation, absent-modality placeholders, a small MLP.
 
-Heads take frozen pooled features whose scales differ wildly (CNN activations in the
-tens, L2-normalised sentence embeddings around 0.05 per dimension). Each head therefore
-owns one :class:`Standardize` per modality it reads; its mean/std are buffers, so they
-travel in the state dict with the weights and the served model sees the same scaling
-the head was trained with (no train/serve skew).
+Frozen features differ wildly in scale between modalities, so each head owns one :class:`Standardize` per
+modality it reads; its mean/std are buffers, saved with the weights, so the served model scales inputs exactly
+as in training. An absent modality arrives as an all-NaN row, which :func:`fill_missing` replaces with the head's
+learned placeholder (started at the training mean by ``fit_standardizers``; modality dropout teaches its use).
+
+Usage::
 
     norm = Standardize(1280)
-    norm.fit(train_features)        # numpy array or tensor, (N, 1280); all-NaN rows are ignored
-    z = norm(batch)                 # (x - mean) / std
-
-A modality absent from a row arrives as an all-NaN feature row. Every head owns one learned
-placeholder per modality it reads (``missing_placeholder``, initialised to the training mean by
-``fit_standardizers``) and swaps it in with :func:`fill_missing` before standardising, so a
-row with only a text (or only an image) still gets a prediction; modality dropout in training
-teaches the head what to make of the placeholder.
-
-    x = fill_missing(batch, head.image_missing)   # NaN rows -> the placeholder
+    norm.fit(train_features)                      # (N, 1280) array or tensor; all-NaN rows are ignored
+    z = norm(batch)                               # (x - mean) / std
+    x = fill_missing(batch, head.image_missing)   # all-NaN rows -> the placeholder
 """
 
 from __future__ import annotations
@@ -57,7 +51,7 @@ class Standardize(nn.Module):
 def feature_statistics(x: np.ndarray | torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column (mean, std) in float64 over the rows that are not absent (no NaN), as :meth:`Standardize.fit`
     uses them; a constant column (std < 1e-6) gets std 1. Heads trained on the same features can share one
-    result (``crossmodal.training.train`` computes it once per training set and modality)."""
+    result (training keeps one per training set and modality: ``crossmodal.training.dataset``)."""
     x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x, dtype=torch.float64)
     if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
         raise ValueError(f"Standardize expects features of shape (N, {dim}), got {tuple(x.shape)}")
@@ -98,7 +92,7 @@ def add_modality_inputs(head: nn.Module, image_dim: int, text_dim: int) -> None:
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
-    """One hidden layer: enough for frozen features, small enough to train in milliseconds."""
+    """One hidden layer: enough for frozen features, small enough to train quickly on a CPU."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim),
         nn.ReLU(),

@@ -1,10 +1,11 @@
 """A trained head on disk: ``weights.safetensors`` (never pickle) and ``head.json`` (how to rebuild it).
 
     from crossmodal.heads.files import save_head, load_head
-    save_head(head, "work/train/gated", {"best_epoch": 7})
-    head = load_head("work/train/gated")          # nn.Module in eval mode
+    save_head(head, "work/models/gated", {"best_epoch": 7})
+    head = load_head("work/models/gated")         # nn.Module in eval mode
 
-Re-exported by ``crossmodal.training.train``.
+Training (``crossmodal.training.frozen``) saves heads this way; the served model
+(``crossmodal.serving.fused_model``) loads them.
 """
 
 from __future__ import annotations

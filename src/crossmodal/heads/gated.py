@@ -27,7 +27,7 @@ class GatedHead(nn.Module):
         self.init_args = base_init_args(self.name, image_dim, text_dim, num_classes, hidden_dim, dropout)
         add_modality_inputs(self, image_dim, text_dim)
         # tanh, as in the Gated Multimodal Unit (Arevalo et al., 2017): bounded projections keep the
-        # gate from amplifying one modality; with ReLU the head overfit a 600-row XOR task 3 seeds in 8.
+        # gate from amplifying one modality, which with ReLU makes the head overfit small data.
         self.image_proj = nn.Sequential(nn.Linear(image_dim, hidden_dim), nn.Tanh())
         self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.Tanh())
         gate_hidden = max(hidden_dim // 4, 8)  # the gate only decides a mix of two; keep it small

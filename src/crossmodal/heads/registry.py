@@ -45,8 +45,7 @@ HEADS: dict[str, type[nn.Module]] = {
     "stacking": StackingHead,
 }
 # Every nn.Module head is a named head; the traditional baselines (crossmodal.training.traditional) are not nn.Modules.
-assert set(HEADS) <= set(HEAD_NAMES), "every fusion.HEADS entry must be named in config.HEAD_NAMES"
-
+assert set(HEADS) <= set(HEAD_NAMES), "every HEADS entry must be named in config.HEAD_NAMES"
 
 
 def build_head(
@@ -84,8 +83,8 @@ def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.n
     absent modalities, ignored) and start each missing-modality placeholder at the training mean.
 
     ``statistics``, when given, is a cache ``{"image": (mean, std), ...}`` of :func:`feature_statistics` results
-    for these same features: a modality found there is not recomputed, one computed here is added (the float64
-    pass over a large training set costs about a second per modality, for every head)."""
+    for these same features: a modality found there is not recomputed, one computed here is added (so the float64
+    pass over a large training set is not repeated for every head)."""
     import torch
 
     for kind, features in (("image", image_train), ("text", text_train)):

@@ -1,24 +1,19 @@
 """The fine-tuned cross-attention model: tuned encoder layers and a bidirectional cross-attention head, raw inputs in.
 
+:class:`FinetunedXattn` keeps the image CNN's last spatial feature map as a grid of cells and the text
+transformer's per-token states; in :class:`CrossAttentionHead` text tokens attend over grid cells and grid cells
+over text tokens, then both are pooled and classified. Only the last ``image_blocks`` / ``text_layers`` and the
+head are trained; a learned placeholder token stands in for an absent image or text. Training is
+``crossmodal.training.finetune``; serving is ``crossmodal.serving.fused_model.FinetunedFusedModel``.
+
 Usage::
 
     from crossmodal.heads.xattn import load_finetuned
     from crossmodal.heads.xattn_inputs import prepare_inputs, predict_proba
     model, meta = load_finetuned("work/models/finetune_xattn")        # FinetunedXattn in eval mode
-    inputs = prepare_inputs(images, texts, model.text.tokenizer, meta["init_args"]["image_size"], 64)
-    proba = predict_proba(model, inputs)                              # (N, C); None for an absent image or text
-
-The model (:class:`FinetunedXattn`):
-
-* the image CNN (EfficientNet-Lite0, or a torchvision CNN) up to its last convolution: a spatial grid of
-  feature vectors (N, C, h, w), not a pooled vector. Its last ``image_blocks`` blocks are trained, the rest frozen;
-* the text transformer (MiniLM, any BERT-family model): one vector per token, last ``text_layers`` layers trained;
-* :class:`CrossAttentionHead`: text tokens attend over the image's grid cells and, in the same layer, grid cells
-  attend over the text tokens; then both sides are mean-pooled, concatenated and classified. A learned
-  placeholder token stands in for an absent image or text, so the model predicts from one modality alone.
-
-Training it is ``crossmodal.training.finetune``; serving it is ``crossmodal.serving.fused_model.FinetunedFusedModel``. Preparing rows and
-predicting (``prepare_inputs``, ``predict_proba``) are in ``crossmodal.heads.xattn_inputs``.
+    args = meta["init_args"]
+    inputs = prepare_inputs(images, texts, model.text.tokenizer, args["image_size"], args["max_length"])
+    proba = predict_proba(model, inputs)                  # (N, C); an image or text may be None (absent)
 """
 
 from __future__ import annotations
@@ -82,7 +77,8 @@ class ImageTower(nn.Module):
         units = image_units(encoder.module, encoder.name)
         self.units = nn.ModuleList(units)
         self.channels_last = encoder.channels_last
-        # (x/255 - mean)/std == (x - 255 mean) / (255 std): one fused op on the uint8 input, as in crossmodal.features.extractor.
+        # (x/255 - mean)/std == (x - 255 mean) / (255 std): one fused op on the uint8 input, as in
+        # crossmodal.features.extractor.
         self.register_buffer("shift", torch.tensor(encoder.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("scale", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255, persistent=False)
         self.tuned = list(range(len(units) - min(tuned_blocks, len(units)), len(units)))

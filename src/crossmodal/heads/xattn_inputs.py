@@ -4,7 +4,8 @@
     inputs = prepare_inputs(images, texts, tokenizer, image_size=96, max_length=64)   # decoded once, reused
     proba = predict_proba(model, inputs)                                           # (N, C) float32
 
-Images and texts go through the same functions as the frozen-feature pipeline (``crossmodal.data.images``).
+Images and texts go through the same functions as the frozen-feature pipeline (``crossmodal.data.images``,
+``crossmodal.data.text``).
 """
 
 from __future__ import annotations

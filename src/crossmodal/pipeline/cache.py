@@ -1,8 +1,6 @@
 """The stage cache: each stage's outputs stored under a key of everything they depend on, so an unchanged stage is
 skipped (as ``dvc repro`` skips a stage whose dependencies and params did not change).
 
-Usage::
-
     from crossmodal.pipeline.cache import StageCache
     cache = StageCache(cfg.paths.cache)
     entry = cache.lookup("train", key)             # a verified entry, or None
@@ -12,19 +10,12 @@ Usage::
         train_all(..., run_dir / "models")
         cache.store("train", key, run_dir / "models", meta={"heads": [...]})
 
-Layout: ``<paths.cache>/stages/<stage>/<key>/`` holds ``out/`` (the stage's output folder as the stage wrote it)
-and ``entry.json`` (``meta`` and every file's size and mtime_ns). An entry is assembled in a temporary folder next
-to it (``.tmp-*``) and renamed into place in one step, so a run killed while storing leaves only a temporary folder,
-which no lookup reads and the next store of that stage removes. A lookup trusts an entry only when ``entry.json``
-reads and every file it lists has the recorded size and mtime: a truncated, deleted or edited output is a miss
-(the stage runs again and replaces the entry), never a silently wrong result.
-
-Files are shared between the entry and the run folder as hard links (``os.link``): free in time and disk, and each
-run folder stays a complete, ordinary folder that survives deleting the cache. Where a hard link is impossible
-(cache and run folder on different disks, FAT, some network shares) the file is copied. Hard-linked files are one
-file under two names, so edit a copy, not a file of a run folder: an in-place edit changes the file's mtime, which
-makes the cache entry untrusted (recomputed on the next run), and it also shows in any other run folder that
-shares it.
+An entry is ``<paths.cache>/stages/<stage>/<key>/``: ``out/`` (the stage's output folder) and ``entry.json``
+(``meta`` and every file's size and mtime_ns). Crash safety: an entry is assembled in a ``.tmp-*`` folder and
+renamed into place in one step, and a lookup trusts it only when every listed file has its recorded size and
+mtime, so a killed store, a truncated or an edited output is a miss (the stage runs again), never a wrong result.
+Files are shared with run folders as hard links (copies where linking is impossible), so a run folder survives
+deleting the cache; edit a copy, not a run folder's file: an in-place edit also shows in every folder sharing it.
 """
 
 from __future__ import annotations

@@ -8,16 +8,16 @@ Usage (what ``flows/training.py`` calls; plain functions, no orchestration insid
     evaluated, rec = stages.cached_evaluate(trained, run_dir / "reports", cfg.paths.cache)
     rec   # {"cached": True, "key": "3f2a...", "seconds": 0.02, "files": "hardlink"}
 
-The keys, each a sha256 (see ``crossmodal.pipeline.cache`` for where entries live and why they can be trusted):
+``features`` is ``crossmodal.features.extract.extract_features(...).to_dict()``: extraction has its own
+content-addressed store. Each key is a sha256 that includes the package's code version
+(``crossmodal.files.code_version``); entries live in ``crossmodal.pipeline.cache``:
 
-- **validate**: the manifest's bytes and resolved path; the settings validation reads (``validation``,
-  ``data.columns``, ``data.split``, the resolved data root, the text encoder's name and ``max_length`` for the
-  truncation count); the package's code version; and each referenced image's identity: its resolved path, size,
-  mtime_ns and inode, a stat cache like git's and DVC's. Touching or replacing an image re-validates; no image is
-  read to decide that.
-- **train**: the validated data's hash, the feature files' content keys (``crossmodal.features.extract``), the ``train`` and
-  ``encoders`` settings and the code version. Where fine-tuning keeps its checkpoints and whether it resumes from
-  one do not change what is trained, so they are left out; fine-tuning's own checkpoint reuse works underneath.
+- **validate**: the manifest's bytes and resolved path, the settings validation reads (``validation``,
+  ``data.columns``, ``data.split``, the data root, the text encoder's name and ``max_length``), and each image's
+  resolved path, size, mtime_ns and inode: touching or replacing an image re-validates, and no image is read to
+  decide that.
+- **train**: the validated data's hash, the feature keys, the ``train`` and ``encoders`` settings; where fine-tuning
+  keeps its checkpoints and whether it resumes do not change what is trained, so they are left out.
 - **evaluate**: the train key (evaluation has no settings of its own).
 
 ``force=True`` recomputes the stage and replaces its entry (fine-tuning then also starts from scratch instead of

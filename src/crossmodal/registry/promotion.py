@@ -1,35 +1,29 @@
 """The champion/challenger gate and manual promotion, with MLflow registry aliases (not stages).
 
-A new version is registered and gets alias ``challenger``. It becomes ``champion`` when there is none, or when it
-beats the champion on the *same* held-out test rows, both scored through their registered pyfunc models (so the
-comparison also proves the new model loads and predicts from raw inputs), by more than
-``promotion.min_improvement`` on ``promotion.metric``. The decision, both scores and the delta are tags on the run.
+    from crossmodal.registry.promotion import promote, register_and_gate, rollback
+    version, decision = register_and_gate(model_uri, cfg.mlflow.model_name, test_rows, cfg.promotion, tracking_uri,
+                                          run_id=run_id, fingerprint=fingerprint, reuse_identical=True)
+    decision.promoted, decision.reason
+    promote(cfg.mlflow.model_name, 3)             # by hand: champion -> version 3
+    rollback(cfg.mlflow.model_name)               # champion -> the previous champion
 
-Every move of ``champion`` is recorded in the registered model's tag ``crossmodal.champion_history`` so that
-``crossmodal rollback`` can return to the previous champion.
+A new version gets alias ``challenger`` and becomes ``champion`` when there is none, or when it beats the champion by
+more than ``promotion.min_improvement`` on ``promotion.metric``, both scored through their registered pyfunc
+models on the same test rows (which also proves the new model loads and predicts from raw inputs). The decision
+is recorded as tags on the run and the version; every move of ``champion`` is appended to the registered model's
+tag ``crossmodal.champion_history``, which ``crossmodal rollback`` reads.
 
-:func:`register_and_gate` is what a pipeline run calls. It holds one lock for the whole register + compare + alias
-move, so two runs that finish at once are gated one after the other (the second compares against the first's
-outcome), and it orders its writes so that a run killed at any point leaves no half-done state:
+Crash safety: :func:`register_and_gate` holds one lock for register + score + alias moves, so concurrent runs are
+gated one after the other, and writes in this order: the version is registered with ``crossmodal.state=pending``,
+the decision is tagged and the state set to ``decided``, then ``challenger`` and (if it won) ``champion`` move and
+the state becomes ``complete``. The next gate's :func:`recover` deletes a pending version (its run is marked FAILED)
+and finishes a decided one's alias moves, so aliases only ever point at decided versions. With
+``reuse_identical``, a model whose fingerprint (``crossmodal.fingerprint``) matches a complete version is not
+registered again, checked under the lock so that two identical runs finishing together register one version.
 
-1. the new version is registered with tag ``crossmodal.state=pending``; no alias points at it;
-2. the gate scores it (reads only) and writes its decision as version tags, then ``crossmodal.state=decided``;
-3. ``challenger`` moves to it, then ``champion`` if it won; last, ``crossmodal.state=complete``.
-
-Each version carries the registered model's fingerprint (tag ``crossmodal.fingerprint``, see
-``crossmodal.registry.publish.model_fingerprint``). A run whose model is identical to a complete version registers nothing:
-``crossmodal.registry.publish`` looks before logging anything, and :func:`register_and_gate` looks again under the lock, after
-:func:`recover`, so two identical runs finishing together register one version, not two.
-
-A run killed before 2 leaves a pending version that nothing points to: the next gate (under the same lock, so no
-other run can be mid-registration) deletes it and marks its MLflow run FAILED. A run killed after 2 has a decision
-that stands: the next gate finishes its alias moves. So aliases only ever point at decided versions, and
-``champion`` moves last.
-
-The lock is a file lock (``filelock``) next to the store for SQLite and file stores, so it holds across processes
-on one machine. For a remote tracking server it is a file lock in the temporary folder keyed by the server's URI:
-it serialises the runs of one machine only; runs on several machines against one server need one scheduler (a
-Prefect work pool with a concurrency limit of 1 on the training flow).
+The lock is a file lock next to a SQLite or file store, so it holds across processes on one machine; for a remote
+tracking server it is keyed by the URI in the temporary folder and serialises one machine's runs only (several
+machines need one scheduler, e.g. a Prefect work pool with concurrency 1).
 """
 
 from __future__ import annotations

@@ -1,22 +1,25 @@
-"""The last stage: record the run in MLflow, register the best head, run the gate, write the summary.
+"""The last stage: record the run in MLflow, register the best fusion head, run the gate, write the summary.
 
-``publish`` is what ``crossmodal register`` (the DVC stage) and the Prefect flow's last task call. The summary is
-printed as one table and written as JSON for scripts and schedulers::
+    from crossmodal.registry.publish import publish, render
+    summary = publish(cfg, "data/demo/manifest.csv", "work/validated", "work/models", "reports",
+                      "reports/summary.json")
+    print(render(summary))
+
+``publish`` is what ``crossmodal register`` (the DVC stage) and the Prefect flow's last task call. The summary,
+written as JSON for scripts and schedulers::
 
     {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
      "modality", "missing_text", "missing_image"}}, "best_fusion", "best_unimodal", "best_head",
-     "registered_head", "best_traditional",
-     "fusion_gain_macro_f1", "rows": {"in", "kept", "quarantined", "quarantine_file"},
+     "registered_head", "best_traditional", "selection_metric", "fusion_gain_macro_f1",
+     "rows": {"in", "kept", "quarantined", "quarantine_file"},
      "mlflow": {"tracking_uri", "experiment_id", "run_id", "model_name", "version", "champion_version",
                 "fingerprint"},
      "promotion": {"promoted", "reason", "metric", "challenger_score", "champion_score", "delta", ...},
      "unchanged", "unchanged_since_version"}
 
-When the model that would be registered is identical to a version the registry already holds (same
-:func:`model_fingerprint`), nothing is logged, registered or gated: the summary then has ``"unchanged": true``,
-``mlflow.version`` and ``unchanged_since_version`` name that version (``mlflow.run_id`` is the run that logged it),
-and ``promotion.reason`` says "unchanged since version N of MODEL: nothing registered". ``force=True`` logs and
-registers anyway (``crossmodal run --force``).
+When the registry already holds a complete version with the same :func:`model_fingerprint`, nothing is logged,
+registered or gated: ``unchanged`` is true and ``mlflow.version`` / ``unchanged_since_version`` name that version.
+``force=True`` logs and registers anyway (``crossmodal run --force``).
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def log_head_run(client, experiment_id: str, parent_id: str, head: str, head_dir
 def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
                  reports_dir: str | Path, metrics: dict[str, Any], validation: dict[str, Any], frame,
                  run_name: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
-    """Record a finished pipeline run in MLflow and log the best head as a pyfunc model.
+    """Record a finished pipeline run in MLflow and log the registered head (``registered_head``) as a pyfunc model.
 
     ``metrics`` (reports_dir/metrics.json), ``validation`` (validated_dir/validation.json) and ``frame``
     (validated_dir/validated.parquet) are passed in already read: the caller needs them too. ``fingerprint`` (of

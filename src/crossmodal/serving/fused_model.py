@@ -1,34 +1,22 @@
 """The fused model as users call it: raw image + text in, label and class probabilities out.
 
-A :class:`FusedModel` is the pretrained encoders (by name, with their preprocessing) plus one trained fusion head.
-It is saved as a folder (``model.json`` + ``head/``) and wrapped as an MLflow pyfunc (models-from-code, no pickle):
+A :class:`FusedModel` is the pretrained encoders (by name, with their preprocessing) plus one trained head, saved as
+a folder (``model.json`` + ``head/``, written by ``crossmodal.serving.package``) and served as an MLflow pyfunc
+(models-from-code, no pickle):
 
     import mlflow, pandas as pd
     m = mlflow.pyfunc.load_model("models:/crossmodal-fusion@champion")
     m.predict(pd.DataFrame({"image_bytes": [open("photo.jpg", "rb").read()], "text": ["What a wonderful day"]}))
     #    label   prob_neutral  prob_sarcastic  prob_sincere
+    m.predict(frame, params={"attribution": True})     # adds attr_image, attr_text (+ gate_image, gate_text)
 
-The probabilities are calibrated: the head's temperature, fitted on validation by the evaluation, is stored in
-``model.json`` and applied as ``softmax(log(p + 1e-12) / T)`` (the label is unchanged by it).
-
-Input columns: ``text`` and, per row, ``image_bytes`` (the encoded file's bytes; over REST, base64 as MLflow
-encodes binary columns) or ``image`` (a file path). A row may lack one of the two (null or empty cell, or no such
-column): the head then predicts from the other modality alone (its learned placeholder stands in). Output:
-``label`` and one ``prob_<label>`` per class.
-
-Attribution on request, ``params={"attribution": True}`` (also over REST: ``{"params": {"attribution": true}}``),
-adds ``attr_image`` and ``attr_text``: how much the predicted class's probability drops when that modality is
-removed (leave-one-modality-out; 0 when the row lacked it), and ``gate_image`` / ``gate_text`` (the per-row mix
-weights) for heads with gates::
-
-    m.predict(frame, params={"attribution": True})
-    #    label  prob_...  attr_image  attr_text  gate_image  gate_text
-
-A path makes the model read a file, so paths are refused unless the model was logged with
-``serving.allowed_image_root``, and then only files that resolve (after ``..`` and symlinks) inside that folder are
-read: a request naming ``/etc/passwd`` gets a :class:`PredictionInputError` (HTTP 400 when served), never the file.
-
-Packaging (the folder, the signature, ``log_model``) is ``crossmodal.serving.package``, re-exported here.
+Input: ``text`` and, per row, ``image_bytes`` (base64 over REST) or ``image`` (a path); a row may lack one of the
+two and is then predicted from the other. Output: ``label`` and one ``prob_<label>`` per class, calibrated by the
+head's temperature from ``model.json`` (the label is unchanged by it). Attribution is the drop of the predicted
+class's probability when that modality is removed (over REST: ``{"params": {"attribution": true}}``). Paths are
+refused unless the model was logged with ``serving.allowed_image_root``, and then read only when they resolve
+(``..`` and symlinks included) inside that folder; a bad row is a :class:`PredictionInputError` (HTTP 400 when
+served).
 """
 
 from __future__ import annotations
@@ -58,6 +46,8 @@ PREDICT_CHUNK = 256  # rows decoded and embedded at a time by FusedModel.predict
 
 
 class FusedModel:
+    """Frozen-feature encoders plus a trained head; :meth:`load` reads a saved folder (a fine-tuned head's too)."""
+
     def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
                  max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
         from crossmodal.features.extractor import FeatureExtractor
@@ -243,7 +233,7 @@ def _is_null(value: Any) -> bool:
 
 
 class FinetunedFusedModel(FusedModel):
-    """The fine-tuned cross-attention model (``crossmodal.heads.xattn``, trained by ``crossmodal.training.finetune``): its own tuned encoders, raw inputs in.
+    """The fine-tuned cross-attention model (``crossmodal.heads.xattn``): its own tuned encoders, raw inputs in.
 
     Same interface as :class:`FusedModel`; images are decoded and texts tokenised by the very functions used in
     training (``crossmodal.heads.xattn_inputs.prepare_inputs`` over ``crossmodal.data.images``). ``predict_proba`` accepts

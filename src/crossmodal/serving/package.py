@@ -1,11 +1,13 @@
 """A trained head packaged as the project's MLflow pyfunc: the model folder, its signature and requirements.
 
+    import mlflow
     from crossmodal.serving.package import log_model
     with mlflow.start_run():
-        info = log_model("work/train", "gated", cfg, example_rows, temperature=1.3)   # MLflow ModelInfo
+        info = log_model("work/models", "gated", cfg, example_rows, temperature=1.3)   # MLflow ModelInfo
 
-The folder (``save_model_dir``) is what ``crossmodal.serving.fused_model.FusedModel.load`` reads; the pyfunc is models-from-code
-(``pyfunc_entry.py``), so no project object is pickled.
+``example_rows``: validated rows (``image``, ``text``), one of which becomes the input example. The folder
+(:func:`save_model_dir`) is what ``crossmodal.serving.fused_model.FusedModel.load`` reads; the pyfunc is
+models-from-code (``pyfunc_entry.py``), so no project object is pickled.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
 
     ``temperature``: the head's calibration temperature (metrics.json), applied to the returned probabilities.
     """
+    import crossmodal
     import mlflow
-
-    package_dir = Path(__file__).resolve().parent
     from crossmodal.heads.registry import HEADS
+
+    package_dir = Path(crossmodal.__file__).resolve().parent  # the whole package travels with the model
 
     labels = json.loads((Path(train_dir) / LABELS_FILE).read_text())
     # An example row with both modalities when there is one (rows may lack either with validation.allow_missing).
@@ -87,7 +90,7 @@ def log_model(train_dir: str | Path, head: str, cfg: Config, example_rows: pd.Da
                                 cfg.validation.max_image_pixels, temperature, cfg.serving.allowed_image_root)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(package_dir / "pyfunc_entry.py"),
+            python_model=str(package_dir / "serving" / "pyfunc_entry.py"),
             artifacts={"fused_model": str(folder)},
             code_paths=[str(package_dir)],
             signature=signature(labels, gates=getattr(HEADS.get(head), "has_gates", False)),

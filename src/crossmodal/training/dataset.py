@@ -4,7 +4,8 @@
     data, labels = load_split_features("validated.parquet", "image.npy", "text.npy")
     data.image["train"], data.y["val"], data.ids["test"]     # float32 / int64 / str arrays per split
 
-Re-exported by ``crossmodal.training.train``.
+An all-NaN feature row is an absent modality; any other NaN or inf, a row count that does not match the table, or
+fewer than two labels is a TrainError that says what to re-run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class SplitFeatures:
     y: dict[str, np.ndarray]
     ids: dict[str, np.ndarray] = field(default_factory=dict)
     # Standardize statistics of the train features per modality, computed once for every head trained on this
-    # data (fusion.fit_standardizers); the arrays are not to be changed in place once wrapped here.
+    # data (crossmodal.heads.registry.fit_standardizers); the arrays are not to be changed in place once wrapped here.
     statistics: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

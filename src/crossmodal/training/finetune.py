@@ -1,31 +1,29 @@
 """Fine-tuning end to end: the encoders' last layers and a bidirectional cross-attention fusion head, from raw inputs.
 
-Usage::
-
-    from crossmodal.training.finetune import finetune_head, load_finetuned
+    from crossmodal.config import load_config
+    from crossmodal.heads.xattn import load_finetuned
+    from crossmodal.training.finetune import finetune_head
+    cfg = load_config("params.yaml")
     info = finetune_head("work/validated/validated.parquet", cfg.train, cfg.encoders, "work/models",
-                         cache_dir=cfg.paths.cache)          # writes work/models/finetune_xattn/
-    model, meta = load_finetuned("work/models/finetune_xattn")   # FinetunedXattn in eval mode
+                         cache_dir=cfg.paths.cache)              # writes work/models/finetune_xattn/; its head.json
+    model, meta = load_finetuned("work/models/finetune_xattn")   # FinetunedXattn in eval mode, head.json
 
-The model (``crossmodal.heads.xattn.FinetunedXattn``): the image CNN's last ``image_blocks`` blocks and the text
-transformer's last ``text_layers`` layers, trained with a bidirectional cross-attention head over the image's grid
-cells and the text tokens (see that module).
+The model (``crossmodal.heads.xattn.FinetunedXattn``, settings ``train.finetune``) trains the image CNN's last
+``image_blocks`` blocks and the text transformer's last ``text_layers`` layers under a cross-attention head, with
+AdamW (a smaller learning rate for the pretrained layers), warm-up then decay, and bf16 autocast where the hardware
+is fast at it; the epoch with the best validation macro-F1 is kept. The frozen layers' outputs never change, so
+they are computed once per row, and only the tuned layers run each epoch.
 
-Training: AdamW with discriminative learning rates (``lr_encoder`` for pretrained layers, ``lr_head`` for the new
-head), linear warm-up then cosine/linear decay per optimizer step, gradient accumulation, bf16 autocast on a GPU
-and on CPUs fast at bf16 (``crossmodal.hardware.resolve_precision``), modality dropout (``train.modality_dropout``),
-class-weighted cross-entropy, and the best epoch by validation macro-F1 kept. Frozen layers stay in eval mode
-(BatchNorm statistics and dropout as pretrained) and, holding no trainable parameter, record no autograd graph.
+Checkpoints: after every epoch, ``<root>/<fingerprint>/`` gets the trained tensors and optimizer state
+(safetensors, no pickle) and the epoch, history and scheduler (JSON); ``<root>`` is ``train.finetune.checkpoint_dir``,
+else ``<cache_dir>/finetune``, else ``<out_dir>/.finetune_checkpoints``. The fingerprint covers the data and every
+setting that changes the result, so a run interrupted after epoch k resumes at epoch k+1, a finished checkpoint is
+reused as is, and an unreadable one costs a retrain, never the run.
 
-Checkpoints: after every epoch, ``<checkpoint_dir>/<fingerprint>/`` gets the trained tensors and the optimizer
-state (safetensors) and the epoch, history, scheduler and optimizer settings (JSON). The fingerprint hashes the
-data (ids, labels, splits, image hashes, texts) and every setting that changes the result, so a run interrupted
-after epoch k continues at epoch k+1 with the same data and settings; a finished checkpoint is reused as is.
-
-What lands in ``<out_dir>/finetune_xattn/``: ``weights.safetensors`` (the trained encoder layers + the head; the
-frozen layers come from the pretrained encoder named in ``head.json``), ``head.json`` (modality "fusion", family
-"finetuned", init_args, history, best_epoch, val_metrics) and ``predictions.npz`` (val/test probabilities, labels
-and ids, plus ``test_proba_missing_text`` / ``test_proba_missing_image``).
+Writes ``<out_dir>/labels.json`` and ``<out_dir>/finetune_xattn/``: ``weights.safetensors`` (the trained layers and
+the head; the frozen layers come from the pretrained encoders named in ``head.json``), ``head.json`` (modality
+"fusion", family "finetuned") and ``predictions.npz`` (as every head, with the test rows also predicted without
+text and without image).
 """
 
 
@@ -73,7 +71,7 @@ def modality_dropout_masks(n: int, rate: float, generator: torch.Generator, imag
     """Per row, drop the image and the text each with probability ``rate``; a row never loses both.
 
     ``image_missing`` / ``text_missing`` (bool, per row) mark modalities already absent: such a row never loses the
-    other one, as in the frozen heads' ``training.loop.modality_dropout``.
+    other one, as in the frozen heads' ``crossmodal.training.loop.modality_dropout``.
     """
     drop = torch.rand(n, 2, generator=generator) < rate
     both = drop.all(1)

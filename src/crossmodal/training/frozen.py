@@ -12,9 +12,9 @@ A task is a tuple:
     ("fold", name, k)    stacking: ``image_only`` / ``text_only`` trained without fold ``k`` of the train split,
                          its probabilities for fold ``k`` (crossmodal.training.stacking.fold_probabilities)
 
-The tasks run on ``train.workers`` processes at once (crossmodal.training.pool); the stacking head is put together
-here once its folds and base heads are done (fitting its meta-classifier takes under a second). Every task seeds
-itself, so the files written are the same, to the bit, with one process or several.
+The tasks run on ``train.workers`` processes at once (``crossmodal.training.pool``); the stacking head is put together
+in this process once its folds and base heads are done (its meta-classifier is small). Every task seeds itself, so
+the files written are the same, to the bit, with one process or several.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ _STEP_SECONDS: dict[tuple, float] = {}  # (head, sizes, batch) -> seconds per tr
 
 def task_cost(task: tuple, data: SplitFeatures, cfg, num_classes: int) -> float:
     """The expected seconds per epoch of a task, to start the longest tasks first: the time of one training step
-    of its head on a batch of real rows (timed once per head here, a few milliseconds) x the rows of an epoch (at
-    most EPOCH_ROWS; a fold model trains on (K-1)/K of the train rows). Parameter counts would rank the
-    attention head among the cheapest; its many small operations make it one of the slowest."""
+    of its head on a batch of real rows (timed once per head and process) x the rows of an epoch (at most
+    EPOCH_ROWS; a fold model trains on (K-1)/K of the train rows). Timed, not counted: parameter counts would rank
+    the attention head among the cheapest, while its many small operations make it one of the slowest."""
     rows = len(data.y["train"])
     if task[0] == "fold":
         rows = rows * (cfg.stacking.folds - 1) // cfg.stacking.folds

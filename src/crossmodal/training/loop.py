@@ -27,8 +27,7 @@ TRAIN_THREADS = 1  # see torch_threads()
 # A training set larger than this is trained in "epochs" of this many rows (see BatchStream), with batches scaled up.
 EPOCH_ROWS = 8_192
 # Validation runs the head over the val rows in blocks of this many: the logits are the same to the bit as in one
-# block (every row is computed on its own), and blocks that stay in the CPU cache took 30-40% less time per
-# validation on 7,500 rows (2-core CPU).
+# block (every row is computed on its own), and a block that stays in the CPU cache is faster.
 VAL_BATCH = 1_024
 
 
@@ -92,10 +91,8 @@ class BatchStream:
     Up to EPOCH_ROWS training rows, an epoch is one shuffled pass in batches of ``batch_size``, as usual.
     Beyond that, an epoch is EPOCH_ROWS rows taken from consecutive shuffled passes (every row is still seen
     once per pass), in batches of ``batch_size`` x (rows / EPOCH_ROWS) rounded down to a power of two, at most
-    8x. Why: on 50,000 rows a whole pass per validation makes early stopping wait ``patience`` whole passes
-    after the best one, and batches of 64 spend more time in per-step overhead than in arithmetic. Measured on
-    50,000 rows (concat + attention heads, 2-core CPU): 120 s with whole passes in batches of 64, 22 s with
-    8,192-row epochs in batches of 256, the same validation macro-F1 (0.98).
+    8x. Why: on a large train split a whole pass per validation makes early stopping wait ``patience`` whole
+    passes after the best one, and small batches spend more time in per-step overhead than in arithmetic.
     """
 
     def __init__(self, n: int, batch_size: int, generator, epoch_rows: int | None = None):
@@ -126,10 +123,11 @@ class BatchStream:
 def torch_threads(n: int):
     """Run torch on ``n`` intra-op threads inside the block, then restore the previous setting.
 
-    Why 1 thread for training: the matrices here are tiny (a batch of 64), so threading
-    gains ~20% on an idle 2-core machine, but when anything else is running (an MLflow
-    server, feature extraction) OpenMP threads wait on each other and an epoch becomes
-    10-50x slower. One thread is also bit-reproducible regardless of the core count.
+    Why 1 thread for training: the matrices here are tiny (a batch of 64), so threading gains
+    little on an idle machine, and when anything else is running (an MLflow server, feature
+    extraction) OpenMP threads wait on each other and an epoch becomes many times slower. One
+    thread is also bit-reproducible whatever the core count; several cores are used by training
+    several heads at once instead (``crossmodal.training.pool``).
     """
     import torch
 

@@ -1,27 +1,21 @@
 """Run independent training tasks on several cores: the calling process and worker processes, one torch thread each.
 
     from crossmodal.training.pool import plan_workers, run_tasks
-    lanes = plan_workers(cfg.workers, n_train, len(tasks), data_bytes)
-    results = run_tasks(tasks, run, data, context, lanes, load=(load_features, args), cost=estimate)
-    results[task]                                  # what run(task, data, context) returned, for every task
+    lanes = plan_workers("auto", work_seconds, len(tasks), data_bytes)     # or an int, as train.workers
+    results = run_tasks(tasks, run, data, context, lanes, load=(load, load_args), cost=cost)
+    results[task]        # run(task, data, context) for every task; in a worker, data is load(*load_args)
 
-Why processes: a head's training loop runs on one torch thread on purpose (``crossmodal.training.loop.torch_threads``),
-so a 2-core machine trains two heads at once, each at full speed; threads in one process would queue on the
-Python interpreter lock. Every task seeds itself, so a task gives the same result to the bit whichever process
-runs it, and in whatever order (tests/test_train_pool.py).
+Processes, not threads: a head's training loop runs on one torch thread (``crossmodal.training.loop.torch_threads``),
+and threads in one process would queue on the interpreter lock. The tasks wait in one queue, costliest first (a
+long task started last would leave the other cores idle); the calling process works on the first task at once
+while the ``lanes - 1`` workers start, each a fresh interpreter (:class:`Worker`) that reads its data once through
+``load``. Every task seeds itself, so its result is the same to the bit whichever process runs it.
 
-How: the tasks wait in one queue, the costliest first (``cost``: longest first keeps a long head from starting
-last while the other cores idle). The calling process takes the next task whenever it is free, and so does each
-of ``lanes - 1`` worker processes. A worker is a fresh interpreter (no torch or OpenMP state forked from this
-one; see :class:`Worker`) that reads the features itself, once (``load``), instead of receiving pickled copies.
-Starting one costs about 2 s here, mostly importing torch; the calling process does not wait for it but starts
-on the first task at once, so a worker only ever adds what it finishes.
-
-Errors: a task that raises in a worker raises the same exception type with the same message here (the errors a
-user can act on, ``crossmodal.errors.user_errors``, without the worker's traceback; any other error keeps it as
-its cause). A worker that dies (killed, out of memory) raises TrainError naming the task. After the first
-failure no new task starts; the running ones finish, then the error of the first failed task in queue order is
-raised. On Windows (no socket inheritance) everything runs in the calling process.
+Errors: a task that raises in a worker raises the same exception type with the same message here (a
+``crossmodal.errors.UserError`` without the worker's traceback; any other error with it as its cause). A worker
+that dies (killed, out of memory) raises TrainError naming the task. After the first failure no new task starts;
+the running ones finish, then the error of the first failed task in queue order is raised. On Windows (no socket
+inheritance) everything runs in the calling process.
 """
 
 from __future__ import annotations
@@ -37,10 +31,8 @@ from pathlib import Path
 from crossmodal.hardware import usable_cores
 
 # "auto" adds workers when the tasks should take at least this long in one process (a lower bound, from the
-# caller's estimate): about what a worker needs here to start, import torch and read the features. Measured on a
-# 2-core CPU with nothing else running: the demo's 8 frozen-feature heads (1,041 training rows, estimated 3.8 s)
-# took 12.7-15.3 s in one process and 9.0-9.5 s with a worker; two heads on 1,050 rows (estimated 0.4 s) took
-# 3.0 s in one process and 5.1 s with a worker.
+# caller's estimate): below it, starting a worker (a fresh interpreter that imports torch and reads the features)
+# costs more than it saves.
 PARALLEL_MIN_SECONDS = 2.0
 # Each worker holds its own copy of the features; "auto" keeps all copies within this share of the free memory.
 MEMORY_SHARE = 0.5
@@ -175,8 +167,10 @@ class Worker:
         import sys
         from multiprocessing.connection import Connection
 
+        import crossmodal
+
         ours, theirs = socket.socketpair()
-        package_root = str(Path(__file__).resolve().parents[1])  # where this crossmodal is: import the same one
+        package_root = str(Path(crossmodal.__file__).resolve().parents[1])  # where this crossmodal is: import it
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         code = f"from crossmodal.training.pool import worker_main; worker_main({theirs.fileno()})"
         self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),),

@@ -1,31 +1,21 @@
 """Fitting stacking late fusion: the unimodal heads' out-of-fold probabilities, then the meta-classifier.
 
-The weighted average of ``late`` learns one number; stacking learns how to combine the two unimodal
-classifiers per class (e.g. "trust the text for class A, the image for class B"). The meta-classifier
-must see probabilities like the ones it will get at prediction time, i.e. from classifiers that did
-*not* train on the row, so it is fitted on out-of-fold probabilities:
-
-1. the train split is cut into ``train.stacking.folds`` stratified folds;
-2. for each fold, ``image_only`` and ``text_only`` are trained on the other folds (early stopping on
-   the validation split, as usual) and predict the held-out fold;
-3. the meta-classifier (``logistic``: one linear layer; ``mlp``: one hidden layer) is fitted on these
-   out-of-fold probabilities [p_image | p_text] with the training loss (class weights, focal or not);
-4. the two unimodal heads trained on the whole train split supply the probabilities at prediction time.
-
-On a large train split, only the fewest whole folds holding ``train.stacking.oof_rows`` rows (default 8,192)
-are predicted (:func:`folds_to_predict`): on 35,000 train rows and 5 folds, folds 0 and 1 (14,000 rows), so 4
-unimodal trainings instead of 10. Each of those fold models is the one the full K-fold trains (every other
-fold, the unpredicted ones included), so nothing leaks; only the meta-classifier, a few dozen weights, sees
-fewer rows. Measured on the benchmark's data (3 seeds, every choice of 2 of the 5 folds): test macro-F1
-0.652 on average against 0.656 with all five folds, while the choice of folds alone moves it by up to 0.03.
-``oof_rows: null`` predicts every fold. The folds are independent tasks: ``train_all`` runs them in parallel
-with the other heads (crossmodal.training.frozen).
-
-The result is one ``nn.Module`` holding both unimodal heads and the meta layer, saved as safetensors
-and loaded by ``load_head`` / ``FusedModel`` like any head:
-
-    head, history = train_stacking(data, cfg, num_classes)      # data: crossmodal.training.dataset.SplitFeatures
+    from crossmodal.training.stacking import train_stacking
+    head, history = train_stacking(data, cfg.train, num_classes)   # data: crossmodal.training.dataset.SplitFeatures
     logits = head(image, text)
+
+Where ``late`` learns one weight, stacking learns per class how to combine ``image_only`` and ``text_only``. The
+meta-classifier must see probabilities like those it gets at prediction time, from classifiers that did not train
+on the row, so it is fitted on out-of-fold probabilities: the train split is cut into ``train.stacking.folds``
+stratified folds, each fold is predicted by the two unimodal heads trained on the other folds, and the meta layer
+(``logistic`` or ``mlp``) is fitted on [p_image | p_text] with the training loss. At prediction time the two
+unimodal heads trained on the whole train split supply the probabilities.
+
+On a large train split only the fewest whole folds holding ``train.stacking.oof_rows`` rows are predicted
+(:func:`folds_to_predict`); each of those fold models is the one the full K-fold trains, so nothing leaks, and only
+the meta-classifier (a few dozen weights) sees fewer rows. The folds are independent tasks that ``train_all``
+runs in parallel with the other heads (``crossmodal.training.frozen``). The result is one ``nn.Module`` holding
+both unimodal heads and the meta layer, saved and loaded like any head (``crossmodal.heads.files``).
 """
 
 from __future__ import annotations

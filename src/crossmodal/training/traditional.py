@@ -1,24 +1,16 @@
-"""Traditional baselines: handcrafted features and a scikit-learn linear classifier, in the same table.
-
-They answer "what do the pretrained encoders buy?" next to "what does fusion buy?":
-
-* ``traditional_text``: TF-IDF of word 1..n-grams (sublinear tf, L2-normalised rows);
-* ``traditional_image``: HSV colour histograms + colour moments + HOG (histograms of oriented
-  gradients, Dalal & Triggs 2005: unsigned orientations, 2x2-cell blocks, L2-Hys), computed with
-  numpy from the image loaded and centre-cropped by ``crossmodal.data.images`` exactly as the
-  deep pipeline loads it;
-* ``traditional_concat``: both blocks side by side, each scaled to about unit row norm so
-  neither dominates the penalty.
-
-Each is a multinomial logistic regression (balanced class weights when ``train.class_weights``),
-its ``C`` picked from ``train.traditional.c_grid`` by validation macro-F1 (ties: lower log-loss).
-An absent text is an empty string (an all-zero TF-IDF row); an absent image is an all-zero
-(training-mean) feature row. They write ``<out_dir>/<name>/head.json`` (family "traditional") and
-``predictions.npz`` like every head, so evaluation compares them; they are baselines, never registered.
+"""Traditional baselines: handcrafted features and a scikit-learn logistic regression, in the same table as the heads.
 
     from crossmodal.training.traditional import train_traditional
     infos = train_traditional("work/validated/validated.parquet", data, labels, cfg.train, "work/models",
                               ["traditional_text", "traditional_image", "traditional_concat"])
+    # data, labels: crossmodal.training.dataset.load_split_features(...); infos: {name: head.json}
+
+They answer "what do the pretrained encoders buy?": ``traditional_text`` is TF-IDF of word 1..n-grams,
+``traditional_image`` HSV colour histograms, colour moments and HOG (Dalal & Triggs) of the image loaded as the
+deep pipeline loads it (``crossmodal.data.images``), ``traditional_concat`` both blocks scaled to about unit row
+norm. ``C`` is picked from ``train.traditional.c_grid`` by validation macro-F1 (ties: lower log-loss). An absent
+text is an empty string, an absent image an all-zero (training-mean) row. Each writes ``<out_dir>/<name>/head.json``
+(family "traditional") and ``predictions.npz`` like every head, and no weights: baselines are never registered.
 """
 
 from __future__ import annotations
@@ -142,8 +134,8 @@ def fit_select(x: dict, y: dict, num_classes: int, cfg) -> tuple[object, list[di
     history, best = [], None
     for i, c in enumerate(cfg.traditional.c_grid, start=1):
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if cfg.class_weights else None)
-        # One BLAS thread, as for the deep heads (train.torch_threads): with anything else running on a 2-core
-        # machine, OpenBLAS threads wait on each other and a fit took 7-10 s instead of 1 s.
+        # One BLAS thread, as for the deep heads (crossmodal.training.loop.torch_threads): with anything else
+        # running, OpenBLAS threads wait on each other and the fit slows down instead of speeding up.
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", ConvergenceWarning)  # the best C on validation decides, not the solver
             clf.fit(x["train"], y["train"])

@@ -1,13 +1,16 @@
 """The train stage: every head in ``train.heads`` trained and written under one folder.
 
+    from crossmodal.config import load_config
     from crossmodal.training.train import train_all
+    cfg = load_config("params.yaml")
     result = train_all("work/validated/validated.parquet", "work/features/image.npy", "work/features/text.npy",
-                       cfg.train, out_dir="work/train")
+                       cfg.train, "work/models", cfg.encoders, cache_dir=cfg.paths.cache)    # a TrainResult
 
 What lands under ``out_dir`` is listed in ``crossmodal.artifacts`` (``labels.json``, then per head ``head.json``,
-``weights.safetensors`` and ``predictions.npz``; the traditional baselines write no weights). The frozen-feature
-heads (stacking's folds too) are independent tasks, trained on ``train.workers`` processes at once
-(``crossmodal.training.frozen``); the fine-tuned head trains last, from raw inputs; the baselines after it.
+``weights.safetensors`` and ``predictions.npz``; the traditional baselines write no weights); a head folder left
+by an earlier run that this one does not train is removed. The frozen-feature heads (stacking's folds too) train
+first, as independent tasks on ``train.workers`` processes (``crossmodal.training.frozen``); then the fine-tuned
+head, from raw inputs (``crossmodal.training.finetune``); then the baselines (``crossmodal.training.traditional``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The Great Expectations suite of validation: built from the settings, run on the manifest frame, read back.
 
     from crossmodal.validation.expectations import run_gx_suite, gx_reason
-    results = run_gx_suite(frame, cfg.validation, has_split=True, docs_dir=Path("work/validated/gx_docs"))
-    reason = gx_reason(results[0], row, frame, raw, first_row, cfg.validation)   # (short, detail) or None
+    results = run_gx_suite(frame, cfg.validation, has_split=True, docs_dir=Path("work/validated/data_docs"))
+    reason = gx_reason(results[0], row, frame, raw, first_row, cfg.validation)   # (kind, message) or None
 
-Used by ``crossmodal.validation.validate.validate_manifest``; GX 1.x runs in an ephemeral context, and its Data Docs are
-written under ``docs_dir``.
+Used by ``crossmodal.validation.validate.validate_manifest``. GX 1.x runs in an ephemeral (in-memory) context,
+so nothing but the Data Docs under ``docs_dir`` is written.
 """
 
 from __future__ import annotations

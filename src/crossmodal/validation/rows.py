@@ -1,26 +1,23 @@
 """Per-row checks that Great Expectations cannot express: files on disk and bytes in strings.
 
-Usage (``crossmodal.validation.validate`` calls this; it is public so a notebook can reuse it)::
+``crossmodal.validation.validate`` runs them; they are public so that a notebook can reuse them.
 
+Usage::
+
+    from pathlib import Path
+    from crossmodal.config import ValidationConfig
     from crossmodal.validation.rows import check_rows
-    checks = check_rows(df, data_root=Path("data/demo"), cfg=ValidationConfig())
+    checks = check_rows(df, data_root=Path("data/demo"), cfg=ValidationConfig())   # df from read_manifest
     checks.reasons[i]   # None, or (kind, message) for the first problem of row i
     checks.paths[i]     # the absolute, resolved image path (None when the row failed)
     checks.sha256[i]    # hex digest of the image file's bytes (None when the row failed)
     checks.missing_image[i], checks.missing_text[i]   # the cell is absent (null/empty), allowed by config
 
-A row whose image and text cells are both absent is quarantined ("no image and no text") whatever
-``allow_missing`` says. Otherwise, with ``cfg.allow_missing`` naming the absent modality ("image",
-"text" or "either"), the row passes with that modality marked missing (its image checks are skipped).
-
-Checks, in order (the first failure is the row's reason): image path present; it resolves,
-following symlinks, to a file inside the data root (absolute paths are allowed only inside
-it); the file exists, is not empty, is at most ``max_image_bytes``; it decodes with
-``crossmodal.data.images.load_image`` within ``max_image_pixels`` (SVG and HEIC files are refused
-as unsupported, a text file behind an image name says so); then every string cell (image, text,
-id, label, split, group) is valid UTF-8 (the manifest reader keeps undecodable bytes as lone
-surrogates so that this check can name them), holds one value (not a JSON list or object) and,
-except the text, no NUL character (a caption's NULs are removed by ``clean_text`` instead).
+Checks, in order (the first failure is the row's reason): the image path resolves, following symlinks, inside
+the data root; the file exists, is not empty and is within ``max_image_bytes``; it decodes with
+``crossmodal.data.images.load_image`` within ``max_image_pixels``; every string cell is valid UTF-8, holds one
+value (not a JSON list or object) and, except the text, no NUL. An absent image or text passes when
+``cfg.allow_missing`` names it (its checks are skipped); a row with neither is always quarantined.
 """
 
 from __future__ import annotations

@@ -1,35 +1,26 @@
 """Validate a manifest: keep the good rows, quarantine the bad ones with a reason, fail loudly when needed.
 
+The first pipeline stage: every later stage reads the table written here, and every row read is either kept or
+quarantined with one reason (the first check it fails; of duplicate ids the first is kept), never lost.
+
 Usage::
 
     from crossmodal.config import load_config
     from crossmodal.validation.validate import validate_manifest
-    from crossmodal.errors import ValidationFailed
-    result = validate_manifest("data/demo/manifest.csv", load_config(), "work/validate")
+    result = validate_manifest("data/demo/manifest.csv", load_config(), "work/validated")
     print(result.rows_kept, result.rows_quarantined, result.validated_path)
 
-Steps, in order:
+Rows are checked per file and cell (``crossmodal.validation.rows``), by the Great Expectations suite
+(``crossmodal.validation.expectations``) and for classes under ``min_rows_per_class`` rows; a split is assigned
+when the manifest has none (``crossmodal.data.split.assign_splits``). An unreadable manifest raises
+:class:`ManifestError` (both a ``ValidationFailed`` and a ``DataError``); :class:`ValidationFailed` is raised when
+more than ``max_quarantine_fraction`` of the rows are quarantined, fewer than 2 classes remain, or a manifest group
+straddles splits (failing rather than dropping rows, which would silently change the user's split).
 
-1. ``read_manifest`` (unreadable file, empty manifest, missing or mis-mapped column ->
-   :class:`ManifestError`, which is both a ``ValidationFailed`` and a ``DataError``);
-2. row checks GX cannot express (``crossmodal.validation.rows``: image inside the data root, exists,
-   not empty, not too large, decodes; cells are valid UTF-8), then ``clean_text``;
-3. a Great Expectations suite, written as code and run on the in-memory frame (ids, images,
-   texts, labels present, unless ``validation.allow_missing`` lets an image or a text be absent; a
-   row with neither is always quarantined; ids unique; text length within limits; labels in
-   ``validation.labels`` when set; split values known). Each failing row gets one reason,
-   the first failure; of duplicate ids the first occurrence is kept;
-4. dataset checks: classes under ``min_rows_per_class`` rows are quarantined; a split is
-   assigned when the manifest has none (``crossmodal.data.assign_splits``); then
-   ``ValidationFailed`` if more than ``max_quarantine_fraction`` of the rows were quarantined,
-   if fewer than 2 classes remain, or if a group given by the manifest straddles splits
-   (we fail rather than quarantine: dropping rows would silently change the user's split).
-   Identical images or texts in different splits are reported as warnings (not removed).
-
-Outputs in ``out_dir``: ``validated.parquet`` (the canonical frame, see the contract),
-``quarantine.csv`` (always, header even when empty), ``validation.json`` (counts, each
-expectation with its failing ids, warnings) and ``data_docs/index.html`` (GX Data Docs).
-The quarantine file and the report are written before any ``ValidationFailed`` is raised.
+Outputs in ``out_dir``: ``validated.parquet`` (``crossmodal.data.validated``; written only on success),
+``quarantine.csv`` (always, header even when empty), ``validation.json`` (counts, each expectation with its
+failing ids, warnings such as identical images across splits) and ``data_docs/index.html`` (GX Data Docs). The
+quarantine file and the report are written before any ``ValidationFailed`` is raised.
 """
 
 from __future__ import annotations
@@ -232,8 +223,8 @@ def validate_manifest(manifest_path: str | Path, cfg: Config, out_dir: str | Pat
             if reasons[row] is None:
                 reasons[row] = gx_reason(exp, row, frame, raw, first_row, vcfg)
 
-    # Dataset level: classes too small to learn from or to split. (Plain lists: per-row pandas indexing costs
-    # seconds on a million rows.)
+    # Dataset level: classes too small to learn from or to split. (Plain lists: per-row pandas indexing is slow
+    # on a large manifest.)
     label_list = frame["label"].tolist()
     counts = Counter(lab for lab, r in zip(label_list, reasons) if r is None)
     small = {lab: c for lab, c in counts.items() if c < vcfg.min_rows_per_class}
