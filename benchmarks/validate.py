@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.hostile writes the manifest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.validation.hostile writes the manifest
 
 from crossmodal.config import from_dict  # noqa: E402
 from crossmodal.data.manifest import read_manifest  # noqa: E402
 from crossmodal.validation.validate import validate_manifest  # noqa: E402
-from tests.hostile import write_many_rows  # noqa: E402
+from tests.validation.hostile import write_many_rows  # noqa: E402
 
 
 def main() -> None:

@@ -3,11 +3,32 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
+from crossmodal.artifacts import METRICS_FILE
 from crossmodal.cli import app
 
 runner = CliRunner()
+
+
+@pytest.fixture
+def flow_calls(monkeypatch, tmp_path):
+    """Stand in for the Prefect flow behind `crossmodal run` and `crossmodal demo` (flows.training.run_training):
+    each call appends (config overrides, force) and returns a result with no metrics, so the report is one line."""
+    import flows.training
+
+    calls = []
+    work = tmp_path / "work"
+    (work / "reports").mkdir(parents=True)
+    (work / "reports" / METRICS_FILE).write_text("null")
+
+    def run_training(params_path, overrides=None, summary_path=None, force=False):
+        calls.append((overrides, force))
+        return {"work_dir": str(work), "rows": {"in": 0, "kept": 0, "quarantined": 0}, "best_head": "concat"}
+
+    monkeypatch.setattr(flows.training, "run_training", run_training)
+    return calls
 
 
 def test_help_lists_every_command():
@@ -73,16 +94,14 @@ def test_schedule_needs_a_server(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "Invalid cron" in _err(result)
 
 
-def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path, monkeypatch):
-    import crossmodal.cli as cli
+def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path, flow_calls):
     from crossmodal.config import load_config
 
-    seen = {}
-    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary, force=False: seen.update(overrides))
     result = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), "--loss", "focal",
                                  "--focal-gamma", "1.5", "--aux-loss-weight", "0.2", "--ogm-ge", "--ogm-alpha", "0.7",
                                  "--stacking-meta", "mlp"])
     assert result.exit_code == 0, _err(result)
+    seen = flow_calls[-1][0]
     train = load_config(None, seen).train
     assert (train.loss, train.focal_gamma, train.aux_loss_weight) == ("focal", 1.5, 0.2)
     assert train.ogm_ge.enabled and train.ogm_ge.alpha == 0.7 and train.stacking.meta == "mlp"
@@ -90,13 +109,10 @@ def test_run_options_for_losses_balancing_and_stacking_reach_the_config(tmp_path
     assert bad.exit_code == 2 and "train.loss" in _err(bad) and "Traceback" not in _err(bad)
 
 
-def test_run_force_and_epochs_reach_the_flow(tmp_path, monkeypatch):
-    import crossmodal.cli as cli
+def test_run_force_and_epochs_reach_the_flow(tmp_path, flow_calls):
     from crossmodal.config import load_config
 
-    calls = []
-    monkeypatch.setattr(cli, "_run_flow", lambda overrides, params, summary, force=False: calls.append(
-        (overrides, force)))
+    calls = flow_calls
     for args, force in ((["--force", "--epochs", "7"], True), ([], False)):
         result = runner.invoke(app, ["run", "--params", str(tmp_path / "none.yaml"), *args])
         assert result.exit_code == 0, _err(result)

@@ -1,17 +1,13 @@
 """Configuration: params.yaml equals the defaults, and bad configs fail with a message naming the key."""
 
-from pathlib import Path
-
 import pytest
 
-from crossmodal.config import Config, load_config
+from crossmodal.config import Config, from_dict, load_config
 from crossmodal.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_params_yaml_matches_defaults():
-    assert load_config(ROOT / "params.yaml") == Config()
+def test_params_yaml_matches_defaults(repo_root):
+    assert load_config(repo_root / "params.yaml") == Config()
 
 
 def test_missing_file_gives_defaults(tmp_path):
@@ -43,3 +39,10 @@ def test_invalid_configs_name_the_problem(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert needle in str(err.value)
+
+
+def test_unknown_allow_missing_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="validation.allow_missing"):
+        from_dict({"validation": {"allow_missing": "both"}})
+    with pytest.raises(ConfigError, match="train.modality_dropout"):
+        from_dict({"train": {"modality_dropout": 1.0}})

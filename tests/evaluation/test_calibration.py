@@ -1,0 +1,84 @@
+"""Temperature scaling: fitted on validation, lowers NLL and ECE, keeps the argmax; the served model applies it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from crossmodal.evaluation.calibration import apply_temperature, fit_temperature, temperature_nll
+from crossmodal.evaluation.metrics import expected_calibration_error, reliability_bins
+
+
+def synthetic(n: int, accuracy: float, confidence: float, seed: int, classes: int = 3):
+    """A model right with probability ``accuracy`` that always puts ``confidence`` on its prediction."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    wrong = (y + rng.integers(1, classes, n)) % classes
+    pred = np.where(rng.random(n) < accuracy, y, wrong)
+    proba = np.full((n, classes), (1 - confidence) / (classes - 1))
+    proba[np.arange(n), pred] = confidence
+    return y, proba
+
+
+def test_over_confident_model_gets_t_above_one_and_better_nll_and_ece():
+    y_val, p_val = synthetic(1500, accuracy=0.7, confidence=0.98, seed=0)
+    y_test, p_test = synthetic(1500, accuracy=0.7, confidence=0.98, seed=1)
+    t = fit_temperature(y_val, p_val)
+    assert t > 1.5
+    assert temperature_nll(y_val, p_val, t) < temperature_nll(y_val, p_val, 1.0) - 0.3
+    calibrated = apply_temperature(p_test, t)
+    assert expected_calibration_error(y_test, calibrated) < 0.05 < expected_calibration_error(y_test, p_test)
+    assert np.array_equal(calibrated.argmax(1), p_test.argmax(1))  # the decision never changes
+
+
+def test_under_confident_model_gets_t_below_one():
+    y, p = synthetic(1500, accuracy=0.95, confidence=0.5, seed=2)
+    t = fit_temperature(y, p)
+    assert t < 1
+    assert temperature_nll(y, p, t) < temperature_nll(y, p, 1.0)
+
+
+def test_apply_temperature_identity_rows_and_edge_cases():
+    _, p = synthetic(50, 0.8, 0.9, seed=3)
+    np.testing.assert_allclose(apply_temperature(p, 1.0), p, atol=1e-6)
+    hot = apply_temperature(p, 100.0)
+    np.testing.assert_allclose(hot, 1 / 3, atol=0.01)  # a very high T flattens to uniform
+    np.testing.assert_allclose(apply_temperature(p, 0.3).sum(1), 1, atol=1e-6)
+    assert fit_temperature(np.zeros(0, np.int64), np.zeros((0, 3))) == 1.0
+    assert apply_temperature(np.zeros((0, 3)), 2.0).shape == (0, 3)
+
+
+def test_reliability_bins_match_the_ece():
+    y, p = synthetic(600, 0.7, 0.9, seed=4)
+    conf, acc, count = reliability_bins(y, p)
+    ece = (count / count.sum() * np.abs(acc - conf)).sum()
+    assert ece == pytest.approx(expected_calibration_error(y, p))
+
+
+def test_registered_pyfunc_returns_calibrated_probabilities(tiny_run, tiny_test_rows, mlflow_store, tmp_path):
+    import mlflow
+    from crossmodal.serving.fused_model import FusedModel
+    from crossmodal.serving.package import log_model, save_model_dir
+
+    metrics = tiny_run["metrics"]
+    head = metrics["registered_head"]
+    assert metrics["heads"][head]["family"] != "traditional"
+    rows = tiny_test_rows(5).reset_index(drop=True)
+    raw = FusedModel.load(save_model_dir(tiny_run["models"], head, tiny_run["cfg"].encoders, tmp_path / "raw"))
+    raw_proba = raw.predict_proba(rows["image"].tolist(), rows["text"].tolist())
+
+    temperature = 2.5  # far from 1, so calibrated and raw probabilities differ visibly
+    with mlflow.start_run():
+        info = log_model(tiny_run["models"], head, tiny_run["cfg"], rows, temperature)
+    # Bytes, as a client sends them (the served model refuses file paths unless serving.allowed_image_root is set).
+    frame = pd.DataFrame({"image_bytes": [Path(p).read_bytes() for p in rows["image"]], "text": rows["text"]})
+    served = mlflow.pyfunc.load_model(info.model_uri).predict(frame)
+    expected = apply_temperature(raw_proba, temperature)
+    probs = served.filter(like="prob_").to_numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert np.abs(probs - raw_proba).max() > 0.01
+    labels = [c[len("prob_"):] for c in served.filter(like="prob_").columns]
+    assert list(served["label"]) == [labels[k] for k in raw_proba.argmax(1)]
