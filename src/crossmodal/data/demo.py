@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crossmodal.files import atomic_path
 from crossmodal.config import DemoConfig
+from crossmodal.files import atomic_path
 
 LABELS = ("neutral", "sarcastic", "sincere")
 
