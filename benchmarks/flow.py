@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _bench(root: Path, rows: int, quick: bool) -> dict:
     import yaml
 
-    import crossmodal  # noqa: F401  (offline, quiet environment defaults)
+    from crossmodal.environment import set_env_defaults
+
+    set_env_defaults()  # the offline, quiet defaults, before Prefect and MLflow read their settings
     from crossmodal.config import from_dict
     from crossmodal.data.demo import generate_demo
 

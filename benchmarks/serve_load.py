@@ -174,7 +174,9 @@ def main() -> None:
     ap.add_argument("--model-uri", default=None, help="serve this model (needs MLFLOW_TRACKING_URI for models:/)")
     ap.add_argument("--images", type=Path, default=None, help="folder with images/*.jpg for the payloads")
     args = ap.parse_args()
-    import crossmodal  # noqa: F401  (offline, quiet environment defaults)
+    from crossmodal.environment import set_env_defaults
+
+    set_env_defaults()  # the offline, quiet defaults, before Prefect and MLflow read their settings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
+from crossmodal.errors import TrainError, UserError
 from crossmodal.hardware import usable_cores
 
 # "auto" adds workers when the tasks should take at least this long in one process (a lower bound, from the
@@ -285,8 +286,6 @@ def _portable(err: BaseException) -> BaseException:
 
 
 def _worker_died(task, err: BaseException) -> Exception:
-    from crossmodal.errors import TrainError
-
     return TrainError(f"the worker process training {_describe(task)} stopped ({type(err).__name__}: {err}); "
                       "it may have run out of memory: set train.workers to 1 to train in one process")
 
@@ -299,8 +298,6 @@ def _describe(task) -> str:
 
 
 def _raise(err: BaseException, remote_tb: str | None):
-    from crossmodal.errors import UserError
-
     if remote_tb is None or isinstance(err, UserError):
         raise err from None  # the message says it all; a worker's traceback would only hide it
     raise err from RemoteTraceback(remote_tb)

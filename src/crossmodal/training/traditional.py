@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from crossmodal.artifacts import HEAD_FILE, PREDICTIONS_FILE
 from crossmodal.data.manifest import is_absent
 from crossmodal.data.split import SPLITS
 from crossmodal.data.validated import read_validated
+from crossmodal.errors import TrainError
 
 MODALITY = {"traditional_text": "text", "traditional_image": "image", "traditional_concat": "fusion"}
 
@@ -81,7 +83,6 @@ def image_descriptor(img, cfg) -> np.ndarray:
 def image_features(paths, ids, cfg) -> np.ndarray:
     """(N, D) descriptors; an absent image (null / empty path) is a NaN row."""
     from crossmodal.data.images import ImageError, load_image
-    from crossmodal.errors import TrainError
 
     rows, dim = [], None
     for path, row_id in zip(paths, ids, strict=True):
@@ -168,8 +169,6 @@ class _Blocks:
         if self._text is None:
             from sklearn.feature_extraction.text import TfidfVectorizer
 
-            from crossmodal.errors import TrainError
-
             start = time.perf_counter()
             tc = self.cfg.traditional
             vec = TfidfVectorizer(ngram_range=(1, tc.ngram_max), max_features=tc.max_features, sublinear_tf=True,
@@ -223,9 +222,6 @@ def _design(name: str, blocks: _Blocks) -> tuple[dict, dict]:
 
 def train_traditional(validated_path, data, labels: list[str], cfg, out_dir, names: list[str]) -> dict[str, dict]:
     """Fit the named baselines and write their head.json + predictions.npz; returns each head's info dict."""
-
-    from crossmodal.artifacts import HEAD_FILE, PREDICTIONS_FILE
-    from crossmodal.errors import TrainError
     from crossmodal.evaluation.metrics import compute_metrics
 
     frame = read_validated(validated_path, ("text", "image", "split"), TrainError)

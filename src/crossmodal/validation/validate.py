@@ -42,7 +42,7 @@ from crossmodal.data.manifest import read_manifest
 from crossmodal.data.split import SPLITS, assign_splits, normalize_split
 from crossmodal.data.text import clean_text
 from crossmodal.data.validated import VALIDATED_COLUMNS
-from crossmodal.errors import DataError, ManifestError, ValidationFailed
+from crossmodal.errors import DataError, EncoderUnavailable, ManifestError, ValidationFailed
 from crossmodal.files import atomic_path, write_json
 from crossmodal.validation.expectations import gx_reason, run_gx_suite
 from crossmodal.validation.rows import Reason, check_rows
@@ -119,8 +119,6 @@ def _truncation_warning(texts: list[str], cfg: Config) -> str | None:
     """One warning (with a count) for the texts the text encoder's tokenizer will cut, instead of silence."""
     from crossmodal.encoders.registry import canonical_name
     from crossmodal.encoders.text import count_truncated
-    from crossmodal.errors import EncoderUnavailable
-
     tcfg = cfg.encoders.text
     try:
         n, longest = count_truncated(canonical_name(tcfg.name), texts, tcfg.max_length)
