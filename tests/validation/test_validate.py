@@ -225,7 +225,7 @@ def test_group_straddling_given_splits_fails(tmp_path, good_rows, write_csv, val
 def test_assigned_splits_respect_groups_and_warn_on_cross_split_duplicates(tmp_path, good_rows, write_csv,
                                                                             validation_config, check_validation):
     root = tmp_path / "d"
-    rows = good_rows(root, 40)
+    rows = good_rows(root, 200)  # 50 groups: the repeated caption's 20 groups cannot all hash to one split
     for k, r in enumerate(rows):
         r["group"] = f"g{k // 4}"
         r["text"] = "the same caption everywhere" if k % 10 == 0 else r["text"]

@@ -192,5 +192,6 @@ def read_manifest(path: str | Path, columns: Columns | None = None) -> pd.DataFr
             out[role] = pd.Series([None] * n, dtype=object)
     out.attrs["source"] = {"path": str(path), "format": kind, "delimiter": raw.attrs.get("delimiter"),
                            "columns": available,
-                           "has_split": mapping["split"] in available, "has_group": mapping["group"] in available}
+                           "has_split": mapping["split"] in available, "has_group": mapping["group"] in available,
+                           "has_id": mapping["id"] in available}
     return out[CANONICAL]
