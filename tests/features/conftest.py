@@ -1,11 +1,15 @@
-"""Fixtures for the feature tests: small encoder settings, a tiny stand-in image encoder, leftover temporary files."""
+"""Fixtures for the feature tests: small encoder settings, a tiny stand-in image encoder, a counting stand-in
+extractor, leftover temporary files."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from crossmodal.config import EncodersConfig
@@ -45,6 +49,39 @@ def _encoders_config(**enc) -> EncodersConfig:
     return EncodersConfig.model_validate(base)
 
 
+class CountingExtractor:
+    """Stands in for FeatureExtractor in ``extract_features``: each input's features are drawn from its content (an
+    image file's bytes, a text) plus a stamp of the call that encoded it, so an item encoded twice gets other bits;
+    ``images``/``texts`` list every input it was given. ``fail_after``: raise after that many batches (a crash)."""
+
+    image_dim, text_dim, device = 6, 4, "cpu"
+    _stamps = itertools.count(1)  # shared by every instance: no two calls anywhere stamp alike
+
+    def __init__(self, cfg, batch: int = 3, fail_after: int | None = None):
+        self.cfg, self.batch, self.fail_after = cfg, batch, fail_after
+        self.images: list[str] = []
+        self.texts: list[str] = []
+
+    def _rows(self, inputs: list[bytes], dim: int, stamp: int) -> np.ndarray:
+        rows = [np.random.default_rng(int.from_bytes(hashlib.sha256(x).digest()[:8], "little")).standard_normal(dim)
+                for x in inputs]
+        return (np.stack(rows) + stamp * 1e-3).astype(np.float32)
+
+    def _batches(self, inputs: list, seen: list, dim: int, read):
+        stamp = next(self._stamps)
+        for n, i in enumerate(range(0, len(inputs), self.batch)):
+            if self.fail_after is not None and n >= self.fail_after:
+                raise RuntimeError("the stand-in extractor crashed")
+            seen += inputs[i : i + self.batch]
+            yield self._rows([read(x) for x in inputs[i : i + self.batch]], dim, stamp)
+
+    def iter_image_features(self, sources, progress=False, names=None):
+        return self._batches(list(sources), self.images, self.image_dim, lambda p: Path(p).read_bytes())
+
+    def iter_text_features(self, texts, progress=False, chunk=4096):
+        return self._batches(list(texts), self.texts, self.text_dim, lambda t: t.encode())
+
+
 def _tmp_files(root: Path) -> list[Path]:
     return [p for p in Path(root).rglob("*") if p.name.endswith(".tmp")]
 
@@ -69,3 +106,9 @@ def tiny_encoder():
 def tmp_files():
     """``tmp_files(root)``: the temporary files (``*.tmp``) left anywhere under ``root``."""
     return _tmp_files
+
+
+@pytest.fixture(scope="session")
+def counting_extractor():
+    """``counting_extractor(cfg, batch=3, fail_after=None)``: a stand-in extractor (see ``CountingExtractor``)."""
+    return CountingExtractor

@@ -83,6 +83,8 @@ def test_extract_shapes_order_and_cache_hit(table, fx, tmp_path, monkeypatch, en
 
     first = extract_features(table, cfg, cache, out, progress=False, extractor=_borrow(fx, cfg))
     assert first.computed == {"image": True, "text": True}
+    # 10 rows, 9 distinct images and 9 distinct texts: each encoded once
+    assert first.encoded == {"image": 9, "text": 9} and first.reused == {"image": 0, "text": 0}
     img, txt = np.load(first.image_path), np.load(first.text_path)
     assert img.shape == (10, 1280) and txt.shape == (10, 384)
     assert img.dtype == np.float32 and txt.dtype == np.float32
@@ -103,13 +105,17 @@ def test_extract_shapes_order_and_cache_hit(table, fx, tmp_path, monkeypatch, en
     _fail_loading(monkeypatch)  # a second call must not even load an encoder
     second = extract_features(table, cfg, cache, out, progress=False)
     assert second.computed == {"image": False, "text": False}
+    assert second.encoded == {"image": 0, "text": 0} and second.reused == {"image": 9, "text": 9}
     assert (second.image_key, second.text_key) == (first.image_key, first.text_key)
     np.testing.assert_array_equal(np.load(second.image_path), img)
     np.testing.assert_array_equal(np.load(second.text_path), txt)
     assert (out / "features.json").read_bytes() == meta_bytes  # deterministic, for DVC
-    # the cache layout: cache/<kind>/<key>.npy
+    # the cache layout: the assembled arrays cache/<kind>/<key>.npy, the items in cache/<kind>/items/<shelf key>/
     assert (cache / "image" / f"{first.image_key}.npy").is_file()
     assert (cache / "text" / f"{first.text_key}.npy").is_file()
+    shelves = extract.shelf_dirs(cache, cfg, first.precision)
+    assert shelves["image"].parent == cache / "image" / "items" and len(list(shelves["image"].glob("*.keys"))) == 1
+    assert json.loads((shelves["text"] / "shelf.json").read_text())["dim"] == 384
     assert json.dumps(second.to_dict())  # JSON-able for Prefect and DVC
 
 

@@ -26,8 +26,8 @@ from PIL import Image
 from crossmodal.encoders.image import ImageEncoder
 from crossmodal.encoders.registry import IMAGE_ENCODERS
 from crossmodal.errors import FeatureError
-from crossmodal.features import extract
-from crossmodal.features.extract import extract_features
+from crossmodal.features import extract, shelf
+from crossmodal.features.extract import extract_features, shelf_dirs
 from crossmodal.features.extractor import FeatureExtractor
 
 ROWS, CHUNK = 24, 4
@@ -76,7 +76,8 @@ def reference(table, tmp_path_factory, fx, cfg):
 
 
 def _chunks(cache: Path) -> list[Path]:
-    return sorted((cache / "image").glob("*.parts/*.npy"))
+    """The image chunks on disk that are whole: a chunk counts once its keys file is written, after its features."""
+    return sorted(p.with_suffix(".npy") for p in (cache / "image" / "items").glob("*/*.keys"))
 
 
 def test_killed_run_resumes_from_finished_chunks(table, tmp_path, fx, reference, cfg, tmp_files, tiny_encoder):
@@ -118,19 +119,21 @@ def test_killed_run_resumes_from_finished_chunks(table, tmp_path, fx, reference,
     assert result.computed == {"image": True, "text": True}
     # Only the images of the missing chunks went through the encoder again.
     assert fx.image_encoder.module.seen - seen == ROWS - CHUNK * len(done)
+    assert result.encoded["image"] == ROWS - CHUNK * len(done) and result.reused["image"] == CHUNK * len(done)
     np.testing.assert_allclose(np.load(result.image_path), reference[0], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.load(result.text_path), reference[1])
-    assert not tmp_files(cache) and not list(cache.rglob("*.parts"))
+    assert not tmp_files(cache) and set(_chunks(cache)) >= set(done)  # the chunks stay: they are the store
 
     seen = fx.image_encoder.module.seen
     again = extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     assert again.computed == {"image": False, "text": False} and fx.image_encoder.module.seen == seen
+    assert again.encoded == {"image": 0, "text": 0} and again.reused == {"image": ROWS, "text": ROWS}
 
 
 def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_path, fx, reference, monkeypatch, cfg,
                                                                      tmp_files):
     cache = tmp_path / "cache"
-    real, calls = extract.write_chunk, []
+    real, calls = shelf.write_chunk, []
 
     def disk_fills_up(path, arr):
         if len(calls) == 3:
@@ -138,7 +141,7 @@ def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_pa
         calls.append(path)
         real(path, arr)
 
-    monkeypatch.setattr(extract, "write_chunk", disk_fills_up)
+    monkeypatch.setattr(shelf, "write_chunk", disk_fills_up)
     with pytest.raises(FeatureError) as info:
         extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     message = str(info.value)
@@ -146,7 +149,7 @@ def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_pa
     assert len(_chunks(cache)) == 3 and not tmp_files(cache)
     assert not list((cache / "image").glob("*.npy"))
 
-    monkeypatch.setattr(extract, "write_chunk", real)
+    monkeypatch.setattr(shelf, "write_chunk", real)
     seen = fx.image_encoder.module.seen
     result = extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     assert fx.image_encoder.module.seen - seen == ROWS - 3 * CHUNK
@@ -157,14 +160,10 @@ def test_full_disk_is_a_clear_error_and_the_cache_stays_consistent(table, tmp_pa
 def test_full_disk_while_assembling(table, tmp_path, fx, reference, monkeypatch, cfg, tiny_encoder):
     cache = tmp_path / "cache"
 
-    real = extract.atomic_path
+    def no_space(path):  # the disk fills up when the chunks are assembled into the table's array
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def no_space(path):  # the disk fills up when the chunks are assembled into the final file
-        if not Path(path).parent.name.endswith(".parts"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(path)
-
-    monkeypatch.setattr(extract, "atomic_path", no_space)
+    monkeypatch.setattr(extract, "atomic_path", no_space)  # the shelf writes its chunks with its own
     with pytest.raises(FeatureError, match="no space left"):
         extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
     assert len(_chunks(cache)) == ROWS // CHUNK  # every chunk kept: the rerun only assembles
@@ -176,19 +175,27 @@ def test_full_disk_while_assembling(table, tmp_path, fx, reference, monkeypatch,
     np.testing.assert_allclose(np.load(result.image_path), reference[0], rtol=0, atol=1e-5)
 
 
-def test_stale_temporary_files_are_swept(table, tmp_path, fx, cfg, tmp_files):
+def test_stale_temporary_files_and_damaged_chunks(table, tmp_path, fx, reference, cfg, tmp_files):
     cache = tmp_path / "cache"
-    key = extract.feature_keys(pd.read_parquet(table), cfg, "fp32")["image"]
-    parts = cache / "image" / f"{key}.parts"
-    parts.mkdir(parents=True)
+    extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
+    folder = shelf_dirs(cache, cfg, "fp32")["image"]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
-    stale = parts / f".000001.npy.{int(dead.stdout)}.0123456789ab.tmp"
-    stale.write_bytes(b"half a chunk")
-    (parts / "000000.npy").write_bytes(b"not an npy file")  # a damaged chunk is recomputed, not trusted
+    stale = [where / f".x.npy.{int(dead.stdout)}.0123456789ab.tmp" for where in (folder, cache / "image")]
+    for p in stale:
+        p.write_bytes(b"half a chunk")
+    damaged, truncated = _chunks(cache)[:2]
+    damaged.write_bytes(b"not an npy file")  # a damaged chunk is encoded again, not trusted
+    with open(truncated, "r+b") as fh:
+        fh.truncate(200)
+    for p in (cache / "image").glob("*.npy"):
+        p.unlink()  # the assembled array: this run reads the shelf
+    seen = fx.image_encoder.module.seen
     result = extract_features(table, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
-    assert not stale.exists() and not tmp_files(cache)
-    assert np.isfinite(np.load(result.image_path)).all()
+    assert not any(p.exists() for p in stale) and not tmp_files(cache)
+    assert fx.image_encoder.module.seen - seen == 2 * CHUNK and result.encoded["image"] == 2 * CHUNK
+    np.testing.assert_allclose(np.load(result.image_path), reference[0], rtol=0, atol=1e-5)
+    assert np.load(damaged).shape == np.load(truncated).shape == (CHUNK, 8)  # written again, whole, same names
 
 
 def test_chunk_size_does_not_change_the_features(table, tmp_path, fx, reference, cfg):
@@ -215,6 +222,7 @@ def test_missing_modality_gives_nan_rows_and_is_not_encoded(table, tmp_path, fx,
     assert np.isnan(img[absent_img]).all() and np.isfinite(img[~absent_img]).all()
     assert np.isnan(txt[absent_txt]).all() and np.isfinite(txt[~absent_txt]).all()
     assert fx.image_encoder.module.seen - seen == ROWS - 3  # absent images never reach the encoder
+    assert res.encoded == {"image": ROWS - 3, "text": ROWS - 2} and res.reused == {"image": 0, "text": 0}
     np.testing.assert_allclose(img[~absent_img], reference[0][~absent_img], rtol=0, atol=1e-5)
     np.testing.assert_allclose(txt[~absent_txt], reference[1][~absent_txt], rtol=0, atol=1e-6)
     full = extract.feature_keys(pd.read_parquet(table), cfg, "fp32")
@@ -226,6 +234,29 @@ def test_missing_modality_gives_nan_rows_and_is_not_encoded(table, tmp_path, fx,
     res = extract_features(tmp_path / "no_text.parquet", cfg, tmp_path / "cache", progress=False, extractor=fx)
     txt = np.load(res.text_path)
     assert txt.shape == (ROWS, 384) and np.isnan(txt).all()
+
+
+def test_grown_table_encodes_only_its_new_rows(table, tmp_path, fx, reference, cfg):
+    """With the real image path (decoding, resizing, the tiny encoder) and MiniLM: the first rows' features come back
+    bit for bit from the store, and only the new rows go through the encoders."""
+    df = pd.read_parquet(table)
+    first = tmp_path / "first.parquet"
+    df.iloc[:16].to_parquet(first)
+    cache = tmp_path / "cache"
+    one = extract_features(first, cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
+    before = np.load(one.image_path), np.load(one.text_path)
+    seen = fx.image_encoder.module.seen
+    order = np.random.default_rng(0).permutation(ROWS)
+    df.iloc[order].to_parquet(tmp_path / "grown.parquet")
+    res = extract_features(tmp_path / "grown.parquet", cfg, cache, progress=False, extractor=fx, chunk_rows=CHUNK)
+    assert fx.image_encoder.module.seen - seen == ROWS - 16
+    assert res.encoded == {"image": ROWS - 16, "text": ROWS - 16} and res.reused == {"image": 16, "text": 16}
+    img, txt = np.load(res.image_path), np.load(res.text_path)
+    old = order < 16
+    np.testing.assert_array_equal(img[old], before[0][order[old]])
+    np.testing.assert_array_equal(txt[old], before[1][order[old]])
+    np.testing.assert_allclose(img, reference[0][order], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(txt, reference[1][order], rtol=0, atol=1e-6)
 
 
 def test_image_without_hash_is_still_refused(table, tmp_path, cfg):

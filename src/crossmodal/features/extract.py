@@ -1,20 +1,34 @@
-"""The feature store: image and text features for every validated row, content-addressed on disk.
+"""The feature store: image and text features for every validated row, content-addressed per item on disk.
 
-A second run with nothing changed reads the cache and never loads an encoder. The encoders themselves (device,
-precision, batching) are ``crossmodal.features.extractor``.
+Only the items (images by their bytes, texts) the store has not seen are encoded: a grown table encodes its new
+rows only, a reordered or shrunk one encodes nothing, and an unchanged one reads one file per modality without
+loading an encoder. The encoders (device, precision, batching) are ``crossmodal.features.extractor``; the per-item
+chunks on disk are ``crossmodal.features.shelf``.
 
 Usage::
 
     from crossmodal.config import EncodersConfig
     from crossmodal.features.extract import extract_features
     res = extract_features("work/validated/validated.parquet", EncodersConfig(), ".cache/crossmodal")
-    res.image_path, res.text_path, res.computed        # .npy files in validated.parquet row order
+    res.image_path, res.text_path      # .npy files in validated.parquet row order
+    res.encoded, res.reused            # e.g. {"image": 100, "text": 98}, {"image": 1000, "text": 990}
+    res.computed                       # {"image": True, "text": True}; False where served whole from the cache
 
-Keys: the image key hashes the ordered ``image_sha256`` list, the text key the ordered texts, each with its
-encoder name, parameters and precision, so image and text are cached separately. Files:
-``<cache>/<kind>/<key>.npy`` (float32, one row per validated row) with ``<key>.json``; while computing,
-atomic chunk files of ``CHUNK_ROWS`` distinct inputs under ``<key>.parts/``, so memory stays flat and a killed
-run resumes from the chunks on disk. A row whose image (or text) is absent gets an all-NaN row in that array.
+The store, per kind (``image``, ``text``) under the cache folder:
+
+- ``<kind>/items/<shelf key>/``: the shelf, features of single items keyed by the sha256 of the image's bytes
+  (the table's ``image_sha256``) or of the text's UTF-8, in atomic chunks of ``CHUNK_ROWS`` distinct items (a killed
+  run resumes from the chunks it finished). The shelf key hashes what computes the features: kind, canonical
+  encoder name, ``image_size`` and ``IMAGE_PIPELINE`` (images) or ``max_length`` (texts), precision and
+  ``FEATURE_VERSION``.
+- ``<kind>/<key>.npy`` with ``<key>.json``: the assembled float32 (N, dim) array, one row per validated row, streamed
+  from the shelf in blocks of ``ASSEMBLE_ROWS`` rows (memory stays flat). ``key`` (``FeatureResult.image_key`` /
+  ``text_key``) hashes the shelf's settings and the ordered item list, so an unchanged table finds its array here.
+
+Counts, per kind, of distinct present items (identical images or texts count once; an absent one gets an all-NaN
+row, is never encoded and is not counted): ``encoded`` were computed by this call, ``reused`` were found in the
+shelf, and ``encoded + reused`` is the number of distinct present items. When the assembled array is served whole
+from the cache, every item is ``reused`` and ``computed`` is False.
 """
 
 from __future__ import annotations
@@ -24,9 +38,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +53,16 @@ from crossmodal.data.validated import read_validated
 from crossmodal.encoders.registry import canonical_name
 from crossmodal.errors import FeatureError
 from crossmodal.features.extractor import FeatureExtractor
+from crossmodal.features.shelf import (
+    ChunkGone,
+    Shelf,
+    distinct,
+    hex_keys,
+    npy_shape,
+    replace_shelf,
+    sweep_stale_tmp,
+    text_keys,
+)
 from crossmodal.files import atomic_path, write_json
 from crossmodal.hardware import precision_name, resolve_device, resolve_precision
 
@@ -51,10 +75,12 @@ FEATURE_VERSION = 1
 # rounding, so they are not mixed with new ones.
 IMAGE_PIPELINE = 2
 REQUIRED_COLUMNS = ("id", "image", "text", "image_sha256")
-# Distinct inputs per chunk file: one chunk is the most work a killed run loses.
+KINDS = ("image", "text")
+ITEMS_DIR = "items"  # <cache>/<kind>/items/<shelf key>/: the shelves
+# Distinct new items per chunk file: one chunk is the most work a killed run loses.
 CHUNK_ROWS = 512
-ASSEMBLE_ROWS = 8192  # rows per block when the chunks are streamed into the final .npy
-MISSING = "\x00missing"  # stands for an absent image/text in the content key (no sha256 or text looks like it)
+ASSEMBLE_ROWS = 8192  # rows per block when the shelf is streamed into the assembled .npy
+MISSING = "\x00missing"  # stands for an absent image/text in the ordered key (no sha256 or text looks like it)
 
 
 # --------------------------------------------------------------------------- the feature store
@@ -62,9 +88,9 @@ MISSING = "\x00missing"  # stands for an absent image/text in the content key (n
 class FeatureResult:
     image_path: Path  # (N, image_dim) float32 .npy, rows in validated.parquet order
     text_path: Path
-    image_key: str
+    image_key: str  # key of the assembled arrays (the ordered item list and the shelf's settings)
     text_key: str
-    computed: dict[str, bool]  # False: served from the cache
+    computed: dict[str, bool]  # False: the assembled array was served from the cache
     rows: int
     image_dim: int
     text_dim: int
@@ -72,6 +98,8 @@ class FeatureResult:
     text_encoder: str
     precision: str
     seconds: dict[str, float] = field(default_factory=dict)
+    encoded: dict[str, int] = field(default_factory=dict)  # distinct present items encoded by this call
+    reused: dict[str, int] = field(default_factory=dict)  # distinct present items found in the store
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,24 +120,32 @@ def _read_validated(path: str | Path):
     if df.empty:
         raise FeatureError(f"{path} has no rows: nothing to extract (see the quarantine table next to it)")
     # An absent image is allowed (a NaN row); an image without its content hash means the table is not ours.
-    bad = ~_missing(df["image"]) & _missing(df["image_sha256"])
+    present = ~_missing(df["image"])
+    bad = present & ~df["image_sha256"].astype(str).str.fullmatch(r"[0-9a-fA-F]{64}").to_numpy(dtype=bool)
     if bad.any():
-        raise FeatureError(f"{path}: column 'image_sha256' is empty in row id {df['id'][bad].iloc[0]!r}; "
-                           "re-run validate")
+        raise FeatureError(f"{path}: column 'image_sha256' is empty or not a sha256 in row id "
+                           f"{df['id'][bad].iloc[0]!r}; re-run validate")
     return df
 
 
 def _items(df, kind: str) -> list:
     """What one row's features are computed from: its image hash or its text; ``MISSING`` where absent."""
     column = "image_sha256" if kind == "image" else "text"
-    absent = _missing(df["image"] if kind == "image" else df["text"])
+    absent = _missing(df[kind])
     return [MISSING if a else v for a, v in zip(absent, df[column].tolist(), strict=True)]
 
 
-def _key(kind: str, items, encoder: str, params: dict, precision: str) -> str:
+def _headers(cfg: EncodersConfig, precision: str) -> dict[str, dict]:
+    """What computes each kind's features: a shelf per header."""
+    params = {"image": {"image_size": cfg.image.image_size, "pipeline": IMAGE_PIPELINE},
+              "text": {"max_length": cfg.text.max_length}}
+    return {kind: {"v": FEATURE_VERSION, "kind": kind, "encoder": canonical_name(getattr(cfg, kind).name),
+                   "params": params[kind], "precision": precision} for kind in KINDS}
+
+
+def _key(header: dict, items) -> str:
     """sha256 over a header (what computes the features) and the ordered items (what they are computed from)."""
     h = hashlib.sha256()
-    header = {"v": FEATURE_VERSION, "kind": kind, "encoder": encoder, "params": params, "precision": precision}
     h.update(json.dumps(header, sort_keys=True).encode())
     for item in items:
         b = str(item).encode("utf-8", "surrogatepass")
@@ -119,64 +155,36 @@ def _key(kind: str, items, encoder: str, params: dict, precision: str) -> str:
 
 
 def feature_keys(df, cfg: EncodersConfig, precision: str) -> dict[str, str]:
-    return {
-        "image": _key("image", _items(df, "image"), canonical_name(cfg.image.name),
-                      {"image_size": cfg.image.image_size, "pipeline": IMAGE_PIPELINE}, precision),
-        "text": _key("text", _items(df, "text"), canonical_name(cfg.text.name),
-                     {"max_length": cfg.text.max_length}, precision),
-    }
+    """The keys of the assembled arrays of table ``df``: they change with the rows, their order and the settings."""
+    return {kind: _key(header, _items(df, kind)) for kind, header in _headers(cfg, precision).items()}
+
+
+def shelf_dirs(cache_dir: str | Path, cfg: EncodersConfig, precision: str) -> dict[str, Path]:
+    """Each kind's shelf folder, ``<cache>/<kind>/items/<shelf key>``: one per encoder setting, whatever the table."""
+    return {kind: Path(cache_dir) / kind / ITEMS_DIR / hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+            .hexdigest() for kind, header in _headers(cfg, precision).items()}
 
 
 def _cache_file(cache_dir: str | Path, kind: str, key: str) -> Path:
     return Path(cache_dir) / kind / f"{key}.npy"
 
 
-def _parts_dir(final: Path) -> Path:
-    return final.with_suffix(".parts")
-
-
-def _npy_shape(path: Path) -> tuple[int, ...] | None:
-    """Shape of a float32 .npy file from its header, or None if the file is absent or not such a file."""
-    try:
-        arr = np.load(path, mmap_mode="r")  # reads the header only
-    except (OSError, ValueError) as err:
-        if path.exists():
-            log.warning("ignoring unreadable feature file %s (%s); recomputing it", path, err)
-        return None
-    return arr.shape if arr.dtype == np.float32 else None
-
-
 def _is_cached(path: Path, rows: int) -> bool:
-    shape = _npy_shape(path)
+    shape = npy_shape(path)
     return shape is not None and len(shape) == 2 and shape[0] == rows
 
 
-def write_chunk(path: Path, arr: np.ndarray) -> None:
-    """One chunk file, atomically: a killed run leaves either the whole chunk or none of it."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: given a name, np.save appends ".npy"
-        np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-
-
-_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")  # crossmodal.files's temporary names carry the writer's pid
-
-
-def _sweep_stale_tmp(folder: Path) -> None:
-    """Remove temporary files left by writers that no longer run (a killed extraction)."""
-    if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        m = _TMP.match(p.name)
-        if not m or int(m[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(m[1]), 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's process
-            pass
+def _drop_old_parts(final: Path) -> None:
+    """Remove ``<key>.parts/``, the chunks an extraction of the earlier whole-table layout was killed with."""
+    parts = final.with_suffix(".parts")
+    if parts.is_dir():
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def _disk_error(err: OSError, cache_dir: Path, what: str) -> FeatureError:
+    if isinstance(err, ChunkGone):
+        return FeatureError(f"a feature chunk in {cache_dir} was removed while this run read it ({err.filename}); "
+                            "run again (another run with --force may have replaced it)")
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return FeatureError(
             f"no space left to write {what} into the feature cache {cache_dir} ({os.strerror(err.errno)}); "
@@ -185,6 +193,25 @@ def _disk_error(err: OSError, cache_dir: Path, what: str) -> FeatureError:
         )
     return FeatureError(f"cannot write {what} into the feature cache {cache_dir} ({err}); "
                         "check that the folder is writable or set paths.cache to another folder")
+
+
+@dataclass
+class _Items:
+    """One kind's items of a table: each row's distinct item (-1: absent), and each distinct item's key and row."""
+
+    codes: np.ndarray  # (N,) int64
+    keys: np.ndarray  # (U, 32) uint8, in order of first appearance
+    rows: np.ndarray  # (U,) the row of each distinct item's first appearance
+
+    @classmethod
+    def of(cls, df, kind: str) -> _Items:
+        rows = np.flatnonzero(~_missing(df[kind]))
+        values = df["image_sha256" if kind == "image" else "text"].to_numpy()[rows].tolist()
+        keys = hex_keys(values) if kind == "image" else text_keys(values)
+        first, code = distinct(keys)
+        codes = np.full(len(df), -1, dtype=np.int64)
+        codes[rows] = code
+        return cls(codes, keys[first], rows[first])
 
 
 def extract_features(
@@ -197,13 +224,13 @@ def extract_features(
     extractor: FeatureExtractor | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> FeatureResult:
-    """Image and text features for every row of ``validated.parquet``, from the cache when possible.
+    """Image and text features for every row of ``validated.parquet``, encoding only what the store lacks.
 
     Identical images (same sha256) and identical texts are encoded once; absent ones become NaN rows. With
     ``out_dir`` the arrays are also copied to out_dir/image.npy and out_dir/text.npy with out_dir/features.json
     (for DVC), and the result's paths point there; otherwise they point into the cache. ``extractor`` (built
     with this same ``cfg``) lends its already-loaded encoders, e.g. to a long-lived worker; by default encoders
-    are loaded only if something must be computed.
+    are loaded only if something must be encoded.
     """
     if extractor is not None and extractor.cfg != cfg:
         raise ValueError("extract_features: the extractor was built with another EncodersConfig than cfg")
@@ -211,49 +238,62 @@ def extract_features(
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     df = _read_validated(validated_path)
     cache_dir = Path(cache_dir)
-    fx = extractor  # created only if something must be computed
     device = resolve_device(cfg.device)
     precision = precision_name(resolve_precision(cfg.precision, device))
-    keys = feature_keys(df, cfg, precision)
-    paths, computed, seconds, dims = {}, {}, {}, {}
-    for kind in ("image", "text"):
-        path = paths[kind] = _cache_file(cache_dir, kind, keys[kind])
-        computed[kind] = not _is_cached(path, len(df))
+    keys, headers = feature_keys(df, cfg, precision), _headers(cfg, precision)
+    shelves = shelf_dirs(cache_dir, cfg, precision)
+    fx = [extractor]  # created only if something must be encoded
+
+    def get_fx() -> FeatureExtractor:
+        if fx[0] is None:
+            fx[0] = FeatureExtractor(cfg)
+        return fx[0]
+
+    paths, computed, seconds, dims, encoded, reused = {}, {}, {}, {}, {}, {}
+    for kind in KINDS:
+        final = paths[kind] = _cache_file(cache_dir, kind, keys[kind])
+        computed[kind] = not _is_cached(final, len(df))
         if computed[kind]:
             t0 = time.perf_counter()
-            fx = fx or FeatureExtractor(cfg)
+            items = _Items.of(df, kind)
+            counts = {"encoded": 0}
             try:
-                _sweep_stale_tmp(path.parent)
-                dims[kind] = _compute(fx, kind, df, path, chunk_rows, progress, validated_path)
+                sweep_stale_tmp(final.parent)
+                dims[kind] = _extract(kind, df, items, final, shelves[kind], headers[kind], getattr(cfg, kind).name,
+                                      get_fx, chunk_rows, counts, progress, validated_path)
                 seconds[kind] = round(time.perf_counter() - t0, 3)
-                write_json(path.with_suffix(".json"), sort_keys=True, obj={
+                write_json(final.with_suffix(".json"), sort_keys=True, obj={
                     "key": keys[kind], "kind": kind, "rows": len(df), "dim": dims[kind], "precision": precision,
-                    "encoder": getattr(cfg, kind).name,
+                    "encoder": getattr(cfg, kind).name, "shelf": shelves[kind].name,
                     "params": getattr(cfg, kind).model_dump(exclude={"batch_size"}),
-                    "seconds": seconds[kind], "device": str(fx.device), "source": str(Path(validated_path).resolve()),
+                    "distinct": len(items.keys), "encoded": counts["encoded"],
+                    "seconds": seconds[kind], "device": str(device), "source": str(Path(validated_path).resolve()),
                 })
             except OSError as err:
-                if not _is_cached(path, len(df)):
+                if not _is_cached(final, len(df)):
                     raise _disk_error(err, cache_dir, f"{kind} features") from None
-                # Another run computed the same features meanwhile and removed the chunks we were reading.
-                dims[kind], seconds[kind] = int(_npy_shape(path)[1]), round(time.perf_counter() - t0, 3)
-            log.info("%s features: computed (%d, %d) in %.1f s -> %s", kind, len(df), dims[kind], seconds[kind], path)
+                # Another run assembled the same array meanwhile (and --force may have replaced chunks we read).
+                dims[kind], seconds[kind] = int(npy_shape(final)[1]), round(time.perf_counter() - t0, 3)
+            encoded[kind], reused[kind] = counts["encoded"], len(items.keys) - counts["encoded"]
+            log.info("%s features: (%d, %d), %d distinct items encoded, %d from the store, in %.1f s -> %s", kind,
+                     len(df), dims[kind], encoded[kind], reused[kind], seconds[kind], final)
         else:
-            log.info("%s features: cache hit %s", kind, path)
-            dims[kind] = int(_npy_shape(path)[1])
-            if _parts_dir(path).exists():  # a run killed between assembling and cleaning up
-                shutil.rmtree(_parts_dir(path), ignore_errors=True)
+            dims[kind] = int(npy_shape(final)[1])
+            encoded[kind], reused[kind] = 0, _distinct_count(final, df, kind)
+            log.info("%s features: cache hit %s", kind, final)
+        _drop_old_parts(final)
 
     result = FeatureResult(paths["image"], paths["text"], keys["image"], keys["text"], computed, len(df),
-                           dims["image"], dims["text"], cfg.image.name, cfg.text.name, precision, seconds)
+                           dims["image"], dims["text"], cfg.image.name, cfg.text.name, precision, seconds,
+                           encoded, reused)
     if out_dir is not None:
         out = Path(out_dir)
-        for kind in ("image", "text"):
+        for kind in KINDS:
             # A copy, not a link: DVC tracks out_dir and may move it into its own cache. Streamed, not read whole.
             with atomic_path(out / f"{kind}.npy") as tmp:
                 shutil.copyfile(paths[kind], tmp)
         result.image_path, result.text_path = (out / IMAGE_FEATURES_FILE).resolve(), (out / TEXT_FEATURES_FILE).resolve()
-        # Only what the arrays depend on (no timings, no absolute paths): same inputs, same bytes for DVC.
+        # Only what the arrays depend on (no timings, counts or absolute paths): same inputs, same bytes for DVC.
         write_json(out / FEATURES_FILE, sort_keys=True, obj={
             "image_key": result.image_key, "text_key": result.text_key, "rows": len(df),
             "shapes": {"image": [len(df), dims["image"]], "text": [len(df), dims["text"]]},
@@ -263,67 +303,80 @@ def extract_features(
     return result
 
 
-def _compute(fx: FeatureExtractor, kind: str, df, final: Path, chunk_rows: int, progress: bool, source) -> int:
-    """Encode what the finished chunks lack, then assemble ``final``; returns the feature dimension."""
-    import pandas as pd
-
-    # Each distinct image (by content) / text is encoded once, in order of first appearance; -1 = absent.
-    items = _items(df, kind)
-    codes, _ = pd.factorize(pd.Series([None if it == MISSING else it for it in items], dtype=object))
-    codes = np.asarray(codes, dtype=np.int64)
-    _, first = np.unique(codes[codes >= 0], return_index=True)
-    first = np.flatnonzero(codes >= 0)[first]  # row of the first occurrence of each code, in code order
-    n_uniq = len(first)
-    parts = _parts_dir(final)
-    _sweep_stale_tmp(parts)
-    bounds = [(s, min(s + chunk_rows, n_uniq)) for s in range(0, n_uniq, chunk_rows)]
-    chunk_files = [parts / f"{i:06d}.npy" for i in range(len(bounds))]
-    dim = None
-    todo = []
-    for (s, e), f in zip(bounds, chunk_files, strict=True):
-        shape = _npy_shape(f)
-        if shape is not None and len(shape) == 2 and shape[0] == e - s and dim in (None, shape[1]):
-            dim = shape[1]
-        else:
-            todo.append((s, e, f))
-    if todo:
-        log.info("%s features: %d of %d chunks on disk, computing %d (%d distinct inputs)", kind,
-                 len(bounds) - len(todo), len(bounds), len(todo), sum(e - s for s, e, _ in todo))
-        dim = _encode_chunks(fx, kind, df, first, todo, progress, source)
-    if dim is None:  # nothing to encode (every row lacks this modality): only the width is needed
-        dim = fx.image_dim if kind == "image" else fx.text_dim
-    _assemble(final, codes, chunk_files, chunk_rows, dim)
-    shutil.rmtree(parts, ignore_errors=True)
-    return int(dim)
+def _distinct_count(final: Path, df, kind: str) -> int:
+    """Distinct present items behind a cached array: from its description, or counted (an array without one)."""
+    try:
+        n = json.loads(final.with_suffix(".json").read_text(encoding="utf-8")).get("distinct")
+    except (OSError, ValueError, AttributeError):
+        n = None
+    return n if isinstance(n, int) and not isinstance(n, bool) else len(_Items.of(df, kind).keys)
 
 
-def _encode_chunks(fx: FeatureExtractor, kind: str, df, first: np.ndarray, todo: list, progress: bool,
-                   source) -> int:
-    """Encode the distinct inputs of the ``todo`` chunks in one pass, writing each chunk as soon as it is full."""
+def _extract(kind: str, df, items: _Items, final: Path, shelf_dir: Path, header: dict, encoder: str,
+             get_fx: Callable[[], FeatureExtractor], chunk_rows: int, counts: dict, progress: bool, source) -> int:
+    """Encode the items the shelf lacks, then assemble ``final``; returns the feature dimension.
+
+    A chunk removed while it is read (``--force`` replacing the shelf's chunks) costs one more look at the shelf,
+    where its items are then found in the chunks that replaced it.
+    """
+    looks = 2
+    while True:
+        shelf = Shelf.open(shelf_dir)
+        try:
+            chunk, row = shelf.find(items.keys)
+            todo = np.flatnonzero(chunk < 0)
+            log.info("%s features: %d distinct items, %d in the store (%d chunks), encoding %d", kind, len(items.keys),
+                     len(items.keys) - len(todo), len(shelf.names), len(todo))
+            if len(todo):
+                _encode(get_fx(), kind, df, shelf, items, todo, chunk, row, chunk_rows, counts, progress, source)
+            if shelf.dim is not None:
+                shelf.describe({**header, "encoder_name": encoder})
+                dim = shelf.dim
+            else:  # nothing to encode, nothing stored (every row lacks this modality): only the width is needed
+                dim = get_fx().image_dim if kind == "image" else get_fx().text_dim
+            _assemble(final, items.codes, chunk, row, shelf, dim)
+            return int(dim)
+        except ChunkGone as err:
+            looks -= 1
+            if not looks:
+                raise
+            log.warning("%s features: %s (%s); looking at the store again", kind, err.strerror, err.filename)
+        finally:
+            shelf.close()
+
+
+def _encode(fx: FeatureExtractor, kind: str, df, shelf: Shelf, items: _Items, todo: np.ndarray, chunk: np.ndarray,
+            row: np.ndarray, chunk_rows: int, counts: dict, progress: bool, source) -> None:
+    """Encode the distinct items ``todo`` in one pass, adding a chunk to the shelf each time ``chunk_rows`` are done.
+
+    ``chunk``/``row`` learn where each new item went.
+    """
     from crossmodal.data.images import ImageError
 
-    rows = np.concatenate([first[s:e] for s, e, _ in todo])
-    sizes = [e - s for s, e, _ in todo]
+    bounds = [(s, min(s + chunk_rows, len(todo))) for s in range(0, len(todo), chunk_rows)]
     buf: list[np.ndarray] = []
-    have, k, dim = 0, 0, 0
+    have, k = 0, 0
 
     def take(feats: np.ndarray) -> None:
-        nonlocal have, k, dim
+        nonlocal have, k
         buf.append(feats)
         have += len(feats)
-        dim = feats.shape[1]
-        while k < len(sizes) and have >= sizes[k]:
+        while k < len(bounds) and have >= bounds[k][1] - bounds[k][0]:
+            s, e = bounds[k]
             block = np.concatenate(buf) if len(buf) > 1 else buf[0]
-            write_chunk(todo[k][2], block[: sizes[k]])
-            rest = block[sizes[k]:]
+            new = todo[s:e]
+            chunk[new] = shelf.add(items.keys[new], block[: e - s])
+            row[new] = np.arange(e - s)
+            counts["encoded"] += e - s
+            rest = block[e - s:]
             buf[:] = [rest] if len(rest) else []
-            have -= sizes[k]
+            have -= e - s
             k += 1
 
+    rows = items.rows[todo]
     if kind == "image":
         sources = df["image"].to_numpy()[rows].tolist()
-        ids = df["id"].to_numpy()[rows]
-        names = [f"row id {i!r}" for i in ids]
+        names = [f"row id {i!r}" for i in df["id"].to_numpy()[rows]]
         try:
             for feats in fx.iter_image_features(sources, progress=progress, names=names):
                 take(feats)
@@ -331,18 +384,16 @@ def _encode_chunks(fx: FeatureExtractor, kind: str, df, first: np.ndarray, todo:
             raise FeatureError(f"{source}: {err}; re-run `crossmodal validate` to quarantine it") from None
     else:
         texts = df["text"].to_numpy()[rows].tolist()
-        for feats in fx.iter_text_features(texts, progress=progress, chunk=max(sizes)):
+        for feats in fx.iter_text_features(texts, progress=progress, chunk=min(chunk_rows, len(todo))):
             take(feats)
-    if k != len(sizes):  # an extractor bug, not a user error
-        raise RuntimeError(f"{kind} features: {have} rows left over after {k} of {len(sizes)} chunks")
-    return dim
+    if k != len(bounds):  # an extractor bug, not a user error
+        raise RuntimeError(f"{kind} features: {have} rows left over after {k} of {len(bounds)} chunks")
 
 
-def _assemble(final: Path, codes: np.ndarray, chunk_files: list[Path], chunk_rows: int, dim: int) -> None:
-    """Stream the chunks into ``final`` (N, dim) in row order, one block of rows at a time (NaN where absent).
+def _assemble(final: Path, codes: np.ndarray, chunk: np.ndarray, row: np.ndarray, shelf: Shelf, dim: int) -> None:
+    """Stream the shelf's rows into ``final`` (N, dim) in table order, one block of rows at a time (NaN where absent).
 
-    Rows mostly follow the chunks (codes are numbered by first appearance), so a block of rows reads one or two
-    chunks; the chunk files are memory-mapped only for the block that needs them, so memory stays flat.
+    Each block reads only the rows it needs from the chunks it touches (memory-mapped), so memory stays flat.
     """
     n = len(codes)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": (n, dim)}
@@ -351,11 +402,35 @@ def _assemble(final: Path, codes: np.ndarray, chunk_files: list[Path], chunk_row
         for r0 in range(0, n, ASSEMBLE_ROWS):
             c = codes[r0 : r0 + ASSEMBLE_ROWS]
             block = np.full((len(c), dim), np.nan, dtype=np.float32)
-            present = c >= 0
-            which = c // chunk_rows
-            for ch in np.unique(which[present]):
-                sel = present & (which == ch)
-                part = np.load(chunk_files[ch], mmap_mode="r")
-                block[sel] = part[c[sel] - ch * chunk_rows]
-                del part
+            at = np.flatnonzero(c >= 0)
+            ch, rw = chunk[c[at]], row[c[at]]
+            order = np.argsort(ch, kind="stable")
+            for group in np.split(order, np.flatnonzero(np.diff(ch[order])) + 1):
+                if len(group):
+                    block[at[group]] = shelf.rows(int(ch[group[0]]))[rw[group]]
             fh.write(block.tobytes())
+
+
+def replace_store(result: FeatureResult, private_cache: str | Path, cache_dir: str | Path) -> FeatureResult:
+    """Move what ``extract_features`` wrote into ``private_cache`` into the store ``cache_dir``, replacing it there.
+
+    ``--force`` extracts into a fresh private store (so every item is encoded) and moves it in: each shelf chunk
+    wins over the entries it replaces (``crossmodal.features.shelf.replace_shelf``), and each assembled array with
+    its description lands on the cached one with one atomic rename, so a run reading the store meanwhile sees the
+    old file or the new one, never a missing one. Returns ``result`` with the paths that pointed into
+    ``private_cache`` pointing into ``cache_dir``.
+    """
+    private_cache, cache_dir = Path(private_cache).resolve(), Path(cache_dir).resolve()
+    for kind in KINDS:
+        for src in sorted((private_cache / kind / ITEMS_DIR).glob("*")):
+            replace_shelf(src, cache_dir / src.relative_to(private_cache))
+        key = getattr(result, f"{kind}_key")
+        src, dst = _cache_file(private_cache, kind, key), _cache_file(cache_dir, kind, key)
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.with_suffix(".json").is_file():
+                os.replace(src.with_suffix(".json"), dst.with_suffix(".json"))
+            os.replace(src, dst)
+        if Path(getattr(result, f"{kind}_path")).resolve() == src:
+            setattr(result, f"{kind}_path", dst)
+    return result

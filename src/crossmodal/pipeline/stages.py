@@ -143,12 +143,14 @@ def cached_validate(manifest: str | Path, cfg: Config, out_dir: str | Path, cach
 
 # ----------------------------------------------------------------------------- extract (forced)
 def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path) -> dict[str, Any]:
-    """Recompute the features even when the feature store has them (``--force``), then swap them in.
+    """Encode every item again even when the feature store has it (``--force``), then swap the results in.
 
-    They are computed into a private store next to the real one and moved over the cached files with one atomic
-    rename each, so a run reading the store meanwhile sees the old file or the new one, never a missing one.
+    They are extracted into a private, empty store next to the real one (so nothing is reused: ``encoded`` counts
+    every distinct item) and moved into the real one by ``crossmodal.features.extract.replace_store``: the shelf
+    chunks win over the entries they replace, the assembled arrays land on the cached ones with one atomic rename
+    each, so a run reading the store meanwhile sees the old file or the new one, never a missing one.
     """
-    from crossmodal.features.extract import extract_features
+    from crossmodal.features.extract import extract_features, replace_store
 
     cache_dir = Path(cache_dir).resolve()
     folder = cache_dir / "stages" / "extract"
@@ -156,15 +158,7 @@ def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path
     sweep_tmp(folder)
     tmp = folder / tmp_name("force")
     try:
-        result = extract_features(validated_path, cfg.encoders, tmp)
-        for kind in ("image", "text"):
-            src = Path(getattr(result, f"{kind}_path"))
-            dst = cache_dir / src.relative_to(tmp)  # the same place in the real store
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.with_suffix(".json").is_file():
-                os.replace(src.with_suffix(".json"), dst.with_suffix(".json"))
-            os.replace(src, dst)
-            setattr(result, f"{kind}_path", dst)
+        result = replace_store(extract_features(validated_path, cfg.encoders, tmp), tmp, cache_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result.to_dict()
@@ -181,10 +175,12 @@ def train_key(data_hash: str, features: dict[str, Any], cfg: Config) -> str:
 
 
 def cached_train(validated: dict[str, Any], features: dict[str, Any], cfg: Config, out_dir: str | Path,
-                 cache_dir: str | Path, force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                 cache_dir: str | Path, force: bool = False,
+                 progress_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``train_all`` on the validated table and features into ``out_dir``, from the cache when the key is known.
 
-    Returns ``({"train_dir", "heads", "key"}, record)``.
+    Returns ``({"train_dir", "heads", "key"}, record)``. ``progress_dir``: where the heads append their epochs
+    while they train (a cached stage trains nothing, so writes nothing there).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir).resolve()
@@ -201,7 +197,7 @@ def cached_train(validated: dict[str, Any], features: dict[str, Any], cfg: Confi
         train_cfg = train_cfg.model_copy(deep=True)
         train_cfg.finetune.resume = False
     result = train_all(validated["validated_path"], features["image_path"], features["text_path"], train_cfg,
-                       out_dir, cfg.encoders, str(Path(cache_dir).resolve()))
+                       out_dir, cfg.encoders, str(Path(cache_dir).resolve()), progress_dir)
     _store(cache, "train", key, out_dir, {"heads": result.heads}, force)
     return {"train_dir": str(out_dir), "heads": result.heads, "key": key}, _record(False, key, t0)
 
