@@ -19,11 +19,19 @@ Paths are relative to the stage's output folder: the ``--out`` folder of a CLI s
 | ``METRICS_FILE`` | ``metrics.json`` | per head: val, test, calibrated test, robustness, attribution; winners | evaluation |
 | ``ROBUSTNESS_FILE`` | ``robustness.md`` | test macro-F1 with a modality removed, per head | evaluation |
 | ``PLOTS_DIR``, ``PER_CLASS_DIR`` | ``plots/<head>_{confusion,roc,reliability}.png``, ``per_class/<head>.json`` | figures; sklearn classification report | evaluation |
+| ``REPORT_FILE`` | ``report.html`` | the run's self-contained report page (data, comparison, per head, attribution, gate); also an MLflow artifact | evaluation (built at publish) |
 | ``COMPARISON_FILE`` | ``comparison.txt`` | the comparison table as printed | registry (MLflow artifact) |
+| ``LEARNED_IDS_FILE`` | ``learned_ids.parquet`` | the ids of the train and validation rows a registered model learned from: one string column ``id``, sorted, unique (under ``data/`` of its MLflow run) | registry (MLflow artifact) |
 | ``MODEL_FILE`` | ``model.json`` | what the served model needs: head, labels, encoders, temperature, serving options | serving |
 | ``STAGES_FILE`` | ``stages.json`` | per stage: cached or not, key, seconds | flows |
+| ``PROGRESS_DIR`` | ``progress/<head>.jsonl`` | one JSON line per epoch of a head while it trains: ``epoch``, losses, ``val_macro_f1``, ``time`` | training |
+| ``EVENTS_DIR``: ``STAGE_EVENTS``, ``EXTRACT_EVENTS`` | ``progress/pipeline/stages.jsonl``, ``progress/pipeline/extract.jsonl`` | JSON lines as they happen: ``stage``, ``state`` (started, finished, cached or failed), ``seconds``; extraction's ``kind``, ``done``, ``total`` (distinct items) | flows |
 | ``ENTRY_FILE`` | ``entry.json`` | a stage-cache entry: meta and every file's size and mtime | pipeline |
 | ``SUMMARY_FILE`` | ``summary.json`` | the run's summary (``paths.summary``) | registry |
+| ``DRIFT_REFERENCE_FILE`` | ``drift/drift_reference.npz`` (``DRIFT_DIR``) | a seeded sample of the training rows' frozen ``image``/``text`` embeddings, ``ids``, training ``label_names``/``label_counts``, ``meta`` (JSON) | registry (MLflow artifact of the model's run) |
+| ``BATCH_PREDICTIONS_FILE`` | ``predictions.parquet`` | ``id, label, prob_<class>``[, ``attr_image, attr_text``, ...] per predicted row | predict |
+| ``REFUSED_FILE`` | ``refused.csv`` | refused rows: ``_row``, every original column, ``reason`` (header even when empty) | predict |
+| ``PREDICT_SUMMARY_FILE`` | ``predict_summary.json`` | rows, model, output, drift[, metrics] (also an MLflow artifact) | predict |
 """
 
 from __future__ import annotations
@@ -46,9 +54,21 @@ METRICS_FILE = "metrics.json"
 ROBUSTNESS_FILE = "robustness.md"
 PLOTS_DIR = "plots"
 PER_CLASS_DIR = "per_class"
+REPORT_FILE = "report.html"
 COMPARISON_FILE = "comparison.txt"
+LEARNED_IDS_FILE = "learned_ids.parquet"
 
 MODEL_FILE = "model.json"
 STAGES_FILE = "stages.json"
+PROGRESS_DIR = "progress"
+EVENTS_DIR = "pipeline"  # under PROGRESS_DIR; each holds <name>.jsonl files
+STAGE_EVENTS = "stages"
+EXTRACT_EVENTS = "extract"
 ENTRY_FILE = "entry.json"
 SUMMARY_FILE = "summary.json"
+
+DRIFT_DIR = "drift"
+DRIFT_REFERENCE_FILE = "drift_reference.npz"
+BATCH_PREDICTIONS_FILE = "predictions.parquet"
+REFUSED_FILE = "refused.csv"
+PREDICT_SUMMARY_FILE = "predict_summary.json"

@@ -7,12 +7,23 @@
 The CLI, the Prefect flows and ``dvc.yaml`` all read the same file through :func:`load_config`, so a value means
 the same thing wherever it is used. Unknown keys are rejected (``extra="forbid"``): a typo in ``params.yaml`` is a
 ConfigError that names the key, not a setting silently ignored.
+
+``--set`` on the command line goes through the same models, and every value can say where it came from::
+
+    from crossmodal.config import load_config_with_sources, parse_set
+    overrides = parse_set(["train.max_epochs=30", "train.heads=[concat,gated]"])   # values read as YAML
+    cfg, sources = load_config_with_sources("params.yaml", overrides, {k: "--set" for k in overrides})
+    sources["train.max_epochs"], sources["train.lr"]      # "--set", "params.yaml" (or "default")
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -231,8 +242,21 @@ class MlflowConfig(_Section):
 
 
 class PromotionConfig(_Section):
+    """The champion/challenger gate (crossmodal.registry.promotion): a paired bootstrap interval of the
+    challenger-minus-champion difference of ``metric`` on test rows neither model learned from."""
+
     metric: Literal["macro_f1", "accuracy", "roc_auc"] = "macro_f1"
-    min_improvement: float = Field(0.005, ge=0)  # challenger must beat champion by more than this
+    # The interval's low end must be above this (0: any improvement the interval shows); a fraction, 0.01 = 1 point.
+    min_improvement: float = Field(0.0, ge=0, le=1)
+    # Fewer rows unseen by both models and the gate refuses: below ~100 rows a percentile bootstrap undercovers, and
+    # the interval of an accuracy difference is about +-2*sqrt(d/n) wide (d: share of rows the two disagree on),
+    # +-6 points at n=100, d=10 %: wider than most real gains, so a promotion there would mostly be luck.
+    min_rows: int = Field(100, ge=1)
+    # With 2000 resamples the Monte Carlo error of a 95 % interval's ends is about 6 % of the delta's standard error
+    # (the usual 1000-2000 for percentile intervals); 100 still leaves a few resamples in each tail (fast tests).
+    bootstrap_resamples: int = Field(2000, ge=100, le=1_000_000)
+    confidence: float = Field(0.95, ge=0.5, lt=1)  # of the interval
+    seed: int = Field(0, ge=0)  # of the bootstrap: the same rows and models give the same interval
     lock_timeout_s: float = Field(1800, gt=0)  # how long a run waits for another run's gate to finish
 
 
@@ -242,6 +266,26 @@ class ServingConfig(_Section):
     # Folder whose files a request may name by path in the ``image`` column. None: paths are refused and images
     # must come as bytes (``image_bytes``, base64 over REST), so that no request can make the server read a file.
     allowed_image_root: str | None = None
+
+
+class DriftConfig(_Section):
+    """Drift tests of ``crossmodal predict`` (``crossmodal.evaluation.drift``) against the model's drift reference."""
+
+    # Three tests (image, text, labels) run on every batch: at 0.01 a batch that has not drifted raises a false
+    # alarm at most ~3% of the time (15% at 0.05), and 500 permutations still resolve p-values well below it.
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    permutations: int = Field(500, ge=19, le=100_000)  # permutation / Monte Carlo draws per test
+    reference_rows: int = Field(2000, ge=10)  # training rows sampled into the reference at publish time
+    max_rows: int = Field(1000, ge=10)  # rows per side a test compares (seeded subsample): bounds time and memory
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> DriftConfig:
+        # A permutation p-value is never below 1 / (permutations + 1): fewer draws could never flag anything.
+        if 1 / (self.permutations + 1) > self.alpha:
+            raise ValueError(f"permutations={self.permutations} is too few for alpha={self.alpha}: the smallest "
+                             f"p-value is 1/(permutations+1); use at least {int(1 / self.alpha)}")
+        return self
 
 
 class PathsConfig(_Section):
@@ -261,6 +305,7 @@ class Config(_Section):
     promotion: PromotionConfig = PromotionConfig()
     paths: PathsConfig = PathsConfig()
     serving: ServingConfig = ServingConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> Config:
@@ -294,16 +339,24 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, An
 
     ``overrides`` maps dotted keys to values, e.g. ``{"train.lr": 0.01}``.
     """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None and Path(path).exists():
-        source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    data, source = _read_params(path)
+    return from_dict(_apply_overrides(data, overrides), source)
+
+
+def _read_params(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The mapping in ``path`` and the name of where it came from ("defaults" when there is no file)."""
+    if path is None or not Path(path).exists():
+        return {}, "defaults"
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    return data, str(path)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -312,4 +365,165 @@ def load_config(path: str | Path | None = "params.yaml", overrides: dict[str, An
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot set {dotted}: {key} is not a section")
         node[leaf] = value
-    return from_dict(data, source)
+    return data
+
+
+# ----------------------------------------------------------------------------- --set and where values come from
+SET_SOURCE = "--set"
+DEFAULT_SOURCE = "default"
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+@cache
+def _settings() -> dict[str, tuple[Any, bool]]:
+    """Every dotted key of :class:`Config`, in declaration order: (its field, whether it is a section)."""
+    out: dict[str, tuple[Any, bool]] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            sub = _section_model(field.annotation)
+            out[prefix + name] = (field, sub is not None)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+
+    walk(Config, "")
+    return out
+
+
+def setting_keys() -> list[str]:
+    """The dotted key of every setting (sections left out), in the order of ``params.yaml``'s models."""
+    return [key for key, (_, section) in _settings().items() if not section]
+
+
+def format_value(value: Any) -> str:
+    """A value as ``--set`` and ``params.yaml`` write it (YAML flow style): ``3``, ``null``, ``[concat, gated]``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000, allow_unicode=True).strip()
+    return text.removesuffix("...").strip()  # a bare scalar's document end marker
+
+
+def _accepts_str(annotation: Any) -> bool:
+    return annotation is str or (get_origin(annotation) in (Union, UnionType) and str in get_args(annotation))
+
+
+def _unknown(item: str, key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_settings()), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else "; `crossmodal config show` lists every setting"
+    return ConfigError(f"--set {item}: unknown setting {key}{hint}")
+
+
+def _set_leaves(item: str, key: str, value: Any, raw: str | None) -> dict[str, Any]:
+    found = _settings().get(key)
+    if found is None:
+        raise _unknown(item, key)
+    field, section = found
+    if section:
+        if not isinstance(value, dict):
+            first = next(k for k in setting_keys() if k.startswith(key + "."))
+            raise ConfigError(f"--set {item}: {key} is a section, not a setting; set one of its keys "
+                              f"(e.g. --set {first}=...) or give it a mapping ({key}={{...}})")
+        out: dict[str, Any] = {}
+        for sub, sub_value in value.items():
+            out.update(_set_leaves(item, f"{key}.{sub}", sub_value, None))
+        return out
+    # YAML reads 2024 as a number and yes as true; a text setting (a model name, a column) means the text itself.
+    if _accepts_str(field.annotation) and isinstance(value, int | float) and not isinstance(value, bool):
+        value = raw if raw is not None else str(value)
+    elif _accepts_str(field.annotation) and isinstance(value, bool) and raw is not None:
+        value = raw
+    return {key: value}
+
+
+def parse_set(items: Iterable[str] | None) -> dict[str, Any]:
+    """``--set`` items as dotted overrides: ``["train.max_epochs=30", "train.heads=[concat,gated]"]`` ->
+    ``{"train.max_epochs": 30, "train.heads": ["concat", "gated"]}``.
+
+    Each value is read as YAML (``null``, ``[a, b]``, ``{epochs: 2}``; an empty value is null); a mapping given for
+    a section sets its keys one by one, the section's other keys keep their values. A later item wins. The keys
+    are checked here (a ConfigError naming the item, with the closest known key), the values when the config is
+    loaded (:func:`load_config_with_sources`).
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.max_epochs=30")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"--set '{key}=\"...\"'") from None
+        out.update(_set_leaves(item, key, value, text.strip()))
+    return out
+
+
+def _culprits(loc: str, msg: str, overrides: dict[str, Any]) -> list[str]:
+    """The override keys an error at ``loc`` comes from: the key itself (or a section above it), else for a
+    section-wide check (a model validator) the overrides inside that section (at the top level: those it names)."""
+    exact = [k for k in overrides if loc == k or loc.startswith(k + ".")]
+    if exact:
+        return exact
+    return [k for k in overrides if (k.startswith(loc + ".") if loc else k in msg)]
+
+
+def _describe_override(key: str, value: Any, source: str | None) -> str:
+    if source == SET_SOURCE:
+        return f"--set {key}={format_value(value)}"
+    return f"{source or 'override'} ({key}={format_value(value)})"
+
+
+def _explain(err: ValidationError, source: str, overrides: dict[str, Any], sources: dict[str, str]) -> str:
+    """One line per bad override (``--set train.max_epochs=0: Input should be ...``), then what the file got wrong."""
+    by_override: dict[str, list[str]] = {}
+    rest = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        keys = _culprits(loc, msg, overrides)
+        for key in keys:
+            msgs = by_override.setdefault(key, [])
+            if msg not in msgs:
+                msgs.append(msg)
+        if not keys:
+            rest.append(f"  {loc or '(top level)'}: {msg}")
+    lines = [f"{_describe_override(k, overrides[k], sources.get(k))}: {'; '.join(m)}" for k, m in by_override.items()]
+    if rest:
+        lines += [f"invalid configuration in {source}:", *rest]
+    return "\n".join(lines)
+
+
+def _leaf_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys |= _leaf_keys(value, dotted + ".") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def load_config_with_sources(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None,
+                             option_sources: dict[str, str] | None = None) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config`, and where each setting's value came from: ``{dotted key: source}`` for every key of
+    :func:`setting_keys`, the source being ``"default"``, the params file's path as given, or the override's entry
+    in ``option_sources`` (``"--set"``, ``"option --epochs"``; ``"override"`` when it has none).
+
+    A bad override value is a ConfigError of one line naming it (``--set train.max_epochs=0: Input should be
+    greater than or equal to 1``).
+    """
+    overrides = dict(overrides or {})
+    sources = dict(option_sources or {})
+    data, source = _read_params(path)
+    in_file = _leaf_keys(data)
+    try:
+        cfg = Config.model_validate(_apply_overrides(data, overrides))
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source, overrides, sources)) from None
+    origin = {}
+    for key in setting_keys():
+        by = next((k for k in overrides if key == k or key.startswith(k + ".")), None)
+        origin[key] = (sources.get(by, "override") if by is not None
+                       else source if key in in_file else DEFAULT_SOURCE)
+    return cfg, origin

@@ -59,8 +59,16 @@ class PromotionError(UserError, RuntimeError):
     """A promotion or rollback request cannot be carried out; the message says why."""
 
 
+class ModelUnavailable(UserError, LookupError):
+    """The registered model version asked for does not exist (no champion yet, an unknown version)."""
+
+
 class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking server cannot be reached, after MLflow's own HTTP retries."""
+
+
+class ReportError(UserError, RuntimeError):
+    """The run's report cannot be built or found: a file it needs is gone; the message says which and what to do."""
 
 
 class HideUserErrorTracebacks(logging.Filter):

@@ -2,9 +2,14 @@
 Prefect stores; its schedule; how its runs log and report."""
 
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
+
+from crossmodal.training.progress import ProgressTail, events_dir
 
 
 def _task_states(flow_run_id):
@@ -41,11 +46,35 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch, 
 
     assert not any(rec["cached"] for rec in first["stages"].values()), first["stages"]
     assert first["unchanged"] is False
+    validated = pd.read_parquet(rows["validated_file"])
+    assert {"id", "label", "split"} <= set(validated.columns) and len(validated) == rows["kept"]
+    assert summary["features"]["image"]["encoded"] > 0 and summary["features"]["text"]["reused"] == 0
+
+    # The MLflow run was open while the heads trained: each head's epochs were logged to its nested run as they
+    # came (steps are epochs), before publishing finished it.
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.user"]
+    nested = client.search_runs([parent.info.experiment_id],
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_head = {r.data.tags["crossmodal.head"]: r for r in nested}
+    assert set(by_head) == set(cfg.train.heads)
+    concat = client.get_metric_history(by_head["concat"].info.run_id, "epoch_val_macro_f1")
+    head_json = Path(first["work_dir"]) / "models" / "concat" / "head.json"
+    assert [m.step for m in concat] == [h["epoch"] for h in json.loads(head_json.read_text())["history"]]
+    # Opened while the head trained (the watcher polls every second), so before evaluation wrote its report, and
+    # not by publishing, which comes after.
+    evaluated = Path(first["work_dir"]) / "reports" / "metrics.json"
+    assert by_head["concat"].info.start_time < evaluated.stat().st_mtime * 1000
 
     # A second run with nothing changed: every stage is skipped (Prefect shows each task as Cached), and the identical
     # model is not registered again: version 1 stays champion. (What reruns: tests/pipeline/test_flow_cache.py.)
-    state2 = training_flow(str(params), return_state=True)
+    state2 = training_flow(str(params), progress_dir=str(tmp_path / "progress"), return_state=True)
     second = state2.result()
+    # The stages' events went to the folder the caller chose (what `crossmodal run` shows), each one cached.
+    events = [r for _, r in ProgressTail(events_dir(tmp_path / "progress")).poll()]
+    assert [(e["stage"], e["state"]) for e in events] == [
+        (s, state) for s in ("validate", "extract", "train", "evaluate", "publish") for state in ("started", "cached")]
     states = _task_states(state2.state_details.flow_run_id)
     assert set(states) == {"validate", "extract", "train", "evaluate", "publish"}
     assert set(states.values()) == {"Cached"}, states
@@ -68,7 +97,12 @@ def test_flow_stops_on_bad_data_with_clear_error(prefect_api, tmp_path, tiny_con
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg.model_dump()))
     with pytest.raises(DataError, match="nope.csv"):
-        training_flow(str(params))
+        training_flow(str(params), progress_dir=str(tmp_path / "progress"))
+    events = [r for _, r in ProgressTail(events_dir(tmp_path / "progress")).poll()]
+    assert [(e["stage"], e["state"]) for e in events] == [("validate", "started"), ("validate", "failed")]
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert run.info.status == "FAILED" and "nope.csv" in run.data.tags["crossmodal.error"]
 
 
 def test_schedule_deployment_has_cron_and_timezone():

@@ -57,7 +57,10 @@ def test_unchanged_rerun_skips_every_stage_and_registers_nothing(cold):
     versions, runs, champion = _registry(cfg)
     out = cold["run"]()
     assert _cached(out) == dict.fromkeys(STAGES, True), out["stages"]
-    assert _registry(cfg) == (versions, runs, champion)  # no new MLflow run, no new version, same champion
+    # No new version, same champion; the run itself is on record (it opened when the flow started), saying so.
+    assert _registry(cfg) == (versions, runs + 1, champion)
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(out["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["crossmodal.unchanged_since_version"] == versions[-1]
     assert out["unchanged"] is True and out["mlflow"]["version"] == out["unchanged_since_version"] == versions[-1]
     assert out["mlflow"]["champion_version"] == champion and out["promotion"]["promoted"] is False
     rows = out["rows"]
@@ -84,7 +87,8 @@ def test_touching_one_image_revalidates_only(cold):
     out = cold["run"]()
     # Validation ran again and found the same data: everything after it is still cached.
     assert _cached(out) == {**dict.fromkeys(STAGES, True), "validate": False}, out["stages"]
-    assert out["rows"] == cold["first"]["rows"] | {"quarantine_file": out["rows"]["quarantine_file"]}
+    per_run = ("quarantine_file", "validated_file")  # this run's folder
+    assert out["rows"] == cold["first"]["rows"] | {k: out["rows"][k] for k in per_run}
 
 
 def test_changed_train_setting_retrains_without_reextracting(cold):

@@ -28,6 +28,55 @@ def log_head(tiny_run, tiny_test_rows):
     return log
 
 
+@pytest.fixture(scope="session")
+def learned_ids(tiny_run) -> list[str]:
+    """The ids the tiny run's heads learned from: its train and validation rows."""
+    import pandas as pd
+
+    frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
+    return frame.loc[frame["split"].isin(["train", "val"]), "id"].astype(str).tolist()
+
+
+@pytest.fixture(scope="session")
+def gate_config(tiny_run):
+    """``gate_config(**settings)``: the tiny run's promotion settings with ``settings`` changed (validated), e.g.
+    ``min_rows=5`` for the tiny run's few test rows."""
+    from crossmodal.config import PromotionConfig
+
+    def make(**settings):
+        return PromotionConfig.model_validate({**tiny_run["cfg"].promotion.model_dump(), **settings})
+
+    return make
+
+
+@pytest.fixture
+def register_head(log_head, tiny_test_rows, learned_ids, mlflow_store):
+    """``register_head(name, head, cfg, learned=None, rows=None, record=True)``: register and gate ``head``
+    (crossmodal.registry.promotion.register_and_gate) for a new run, with ``learned`` as the ids it learned from
+    (default: the tiny run's train and validation ids), on ``rows`` (default: the tiny run's test rows); returns
+    (version, decision, run id). Each head is logged once per test (logging is what takes time) and every
+    registration gets a run of its own, which holds its learned ids. ``record=False`` registers as an older
+    release did: no run, no learned ids (run id None)."""
+    import mlflow
+    from crossmodal.registry import promotion
+
+    logged: dict[str, str] = {}
+
+    def register(name: str, head: str, cfg, learned=None, rows=None, record=True):
+        if head not in logged:
+            logged[head] = log_head(head)[0]
+        run_id = None
+        if record:
+            with mlflow.start_run() as run:
+                run_id = run.info.run_id
+        version, decision = promotion.register_and_gate(
+            logged[head], name, tiny_test_rows() if rows is None else rows, cfg, mlflow_store, run_id=run_id,
+            learned_ids=(learned_ids if learned is None else learned) if record else None)
+        return version, decision, run_id
+
+    return register
+
+
 @pytest.fixture
 def publish_job(tiny_run, tmp_path):
     """``publish_job(store, name="job", **extra)``: a job file for publish_worker.py: the tiny run's config with

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 import mlflow
 from crossmodal.registry import promotion
+from crossmodal.registry.history import read_history
 
 
 def _heads(tiny_run):
@@ -87,8 +88,16 @@ def test_next_gate_cleans_up_after_a_hard_kill(tiny_run, tiny_test_rows, log_hea
     assert len(notes) == 2, notes
     assert _state(name) == ({"1": "complete", "3": "complete"}, {"champion": "3", "challenger": "3"})
     assert client.get_run(run.info.run_id).info.status == "FAILED"
-    history = client.get_registered_model(name).tags[promotion.HISTORY_TAG]
-    assert history == "1,3"
+    assert [(e["version"], e["previous"], e["action"]) for e in read_history(name)] == [("1", None, "gate"),
+                                                                                         ("3", "1", "gate")]
+
+    # Killed after champion moved and its history entry was written, before the version was marked complete: the
+    # next recovery finishes it without recording the move twice.
+    client.set_model_version_tag(name, "3", promotion.STATE_TAG, "decided")
+    with promotion.gate_lock(mlflow_store, 10):
+        assert promotion.recover(name) == ["finished the alias moves of version 3"]
+    assert _state(name) == ({"1": "complete", "3": "complete"}, {"champion": "3", "challenger": "3"})
+    assert len(read_history(name)) == 2
 
 
 def test_gate_lock_serialises_processes(tmp_path):
@@ -132,7 +141,7 @@ def test_process_killed_during_registration(worst_is_champion, mlflow_store, pub
     assert versions == {"1": "complete", "2": "pending"} and aliases == before[1]
     run_id = MlflowClient().get_model_version(name, "2").tags["crossmodal.run_id"]
 
-    # SIGKILL after the decision (the best head beats the worst), before any alias moved.
+    # SIGKILL after the decision, before any alias moved.
     proc = publish_worker(publish_job(mlflow_store, "killed-at-aliases"), "--kill-at", "aliases")
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == -signal.SIGKILL, out[-2000:]
@@ -141,9 +150,12 @@ def test_process_killed_during_registration(worst_is_champion, mlflow_store, pub
     assert versions == {"1": "complete", "3": "decided"} and aliases == before[1]
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
 
+    promoted = MlflowClient().get_model_version(name, "3").tags[promotion.PROMOTED_TAG] == "True"
     with promotion.gate_lock(mlflow_store, 10):
         promotion.recover(name)
-    assert _state(name) == ({"1": "complete", "3": "complete"}, {"champion": "3", "challenger": "3"})
+    # Recovery carries the recorded decision out, whichever it was.
+    assert _state(name) == ({"1": "complete", "3": "complete"},
+                            {"champion": "3" if promoted else "1", "challenger": "3"})
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""MLflow tracking, registration, the champion/challenger gate, promote and rollback (the fused model they
-register: tests/serving/test_fused_model.py).
+"""MLflow tracking, registration and publishing (the gate: test_gate.py; promote, rollback and the history:
+test_history.py; the fused model they register: tests/serving/test_fused_model.py).
 
 Each test gets its own temporary MLflow store (mlflow_store); the trained heads come from one tiny pipeline run.
 """
@@ -8,12 +8,12 @@ import json
 import subprocess
 
 import pandas as pd
-import pytest
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from crossmodal.errors import PromotionError
 from crossmodal.registry import promotion, tracking
+from crossmodal.registry.history import read_history
+from crossmodal.registry.learned_ids import LEARNED_IDS_TAG, learned_ids_digest, learned_keys, read_learned_ids
 from crossmodal.registry.publish import model_fingerprint, publish, render
 
 
@@ -26,6 +26,7 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["mlflow"]["version"] == "1" and saved["mlflow"]["champion_version"] == "1"
     assert saved["promotion"]["promoted"] is True and saved["promotion"]["reason"] == "no champion yet"
+    assert {"test", "n_rows", "delta", "ci_low", "ci_high", "p_value", "confidence"} <= set(saved["promotion"])
     assert set(saved["heads"]) == set(cfg.train.heads)
     assert {"stacking", "traditional_text", "traditional_image", "traditional_concat"} <= set(saved["heads"])
     for head, entry in saved["heads"].items():  # the keys scripts read
@@ -73,46 +74,41 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
     assert [str(v.version) for v in client.search_model_versions(f"name = '{cfg.mlflow.model_name}'")] == ["1"]
     assert "unchanged since version 1" in render(same)
 
-    # Forced (`crossmodal run --force`): registered again; same data, same seed: an equal model does not displace
-    # the champion.
+    # Forced (`crossmodal run --force`): registered again. The tiny run has fewer test rows than promotion.min_rows,
+    # so the gate refuses to compare and says so.
+    test_rows = len(tiny_test_rows())
+    assert test_rows < cfg.promotion.min_rows
     again = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"],
                     force=True)
     assert again["mlflow"]["version"] == "2" and again["mlflow"]["champion_version"] == "1"
     assert again["unchanged"] is False
-    assert again["promotion"]["promoted"] is False and "does not beat" in again["promotion"]["reason"]
+    assert again["promotion"]["promoted"] is False and again["promotion"]["n_rows"] == test_rows
+    assert again["promotion"]["reason"].startswith(f"only {test_rows} test rows are unseen by both champion v1 and "
+                                                   f"challenger v2 (promotion.min_rows: {cfg.promotion.min_rows})")
+    assert "not promoted; crossmodal promote --version 2 --reason" in render(again)
     v2 = client.get_model_version_by_alias(cfg.mlflow.model_name, "challenger")
     assert str(v2.version) == "2"
 
-
-def test_gate_promotes_only_a_real_improvement_and_rollback(tiny_run, tiny_test_rows, log_head, mlflow_store):
-    metrics = {h: m for h, m in tiny_run["metrics"]["heads"].items() if m["family"] != "traditional"}  # registrable
-    worst = min(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
-    best = max(metrics, key=lambda h: metrics[h]["test"]["macro_f1"])
-    assert metrics[best]["test"]["macro_f1"] - metrics[worst]["test"]["macro_f1"] > 0.05
-    name, rows = "gate-test", tiny_test_rows()
-    cfg = tiny_run["cfg"].promotion
-
-    def register(head):
-        return promotion.register(log_head(head)[0], name)
-
-    weak = register(worst)
-    first = promotion.gate(name, weak, rows, cfg)
-    assert first.promoted and promotion.current_champion(name) == weak
-
-    strong = register(best)
-    second = promotion.gate(name, strong, rows, cfg)
-    assert second.promoted and second.delta > cfg.min_improvement
-    assert promotion.current_champion(name) == strong
-
-    third = promotion.gate(name, register(worst), rows, cfg)
-    assert not third.promoted and third.delta < 0 and promotion.current_champion(name) == strong
-
-    assert promotion.rollback(name) == weak and promotion.current_champion(name) == weak
-    with pytest.raises(PromotionError, match="no earlier champion"):
-        promotion.rollback(name)
-    assert promotion.promote(name, strong) == strong and promotion.current_champion(name) == strong
-    with pytest.raises(PromotionError, match="cannot promote"):
-        promotion.promote(name, 99)
+    # With min_rows within reach: the same data and seed give an equal model, compared on every test row (both
+    # learned from the same train and validation rows), exactly no difference: the champion stays.
+    cfg.promotion.min_rows = 5
+    third = publish(cfg, tiny_run["manifest"], tiny_run["validated_dir"], tiny_run["models"], tiny_run["reports"],
+                    force=True)
+    decision = third["promotion"]
+    assert third["mlflow"]["version"] == "3" and third["mlflow"]["champion_version"] == "1"
+    assert (decision["test"], decision["n_rows"], decision["delta"]) == ("paired_bootstrap", test_rows, 0.0)
+    assert (decision["ci_low"], decision["ci_high"], decision["p_value"]) == (0.0, 0.0, 1.0)
+    assert decision["confidence"] == 0.95 and decision["promoted"] is False
+    assert decision["reason"].endswith("not significant: not promoted")
+    assert decision["reason"] in render(third)
+    run3 = client.get_run(third["mlflow"]["run_id"])
+    assert run3.data.metrics["gate_n_rows"] == test_rows and run3.data.metrics["gate_p_value"] == 1.0
+    frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
+    learned = set(learned_keys(frame))  # the train and validation rows' ids, and their contents
+    assert set(frame.loc[frame["split"] != "test", "id"].astype(str)) < learned
+    assert read_learned_ids(third["mlflow"]["run_id"]) == learned
+    assert client.get_model_version(cfg.mlflow.model_name, "3").tags[LEARNED_IDS_TAG] == learned_ids_digest(learned)
+    assert [(e["version"], e["action"]) for e in read_history(cfg.mlflow.model_name)] == [("1", "gate")]
 
 
 def test_tracking_helpers(tmp_path, monkeypatch):

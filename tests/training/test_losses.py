@@ -173,5 +173,5 @@ def test_modality_contribution_reaches_mlflow_per_epoch(mlflow_store, tmp_path):
     rid = tracking.log_head_run(client, experiment, parent, "gated", head_dir, tmp_path / "reports", {})
     for key in ("score_image", "score_text", "ratio_image_text", "coeff_image", "coeff_text"):
         logged = client.get_metric_history(rid, f"epoch_{key}")
-        assert [m.step for m in logged] == [0, 1, 2]
+        assert [m.step for m in logged] == [1, 2, 3]  # steps are the epochs
         assert [m.value for m in logged] == pytest.approx([h[key] for h in history])

@@ -18,6 +18,7 @@ semicolon, tab or pipe) is read from its header line. Unreadable files raise :cl
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -142,6 +143,44 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     # to_pylist keeps Python objects (no string-dtype conversion that could mangle bytes).
     return pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object)
                          for name in table.column_names})
+
+
+def manifest_columns(path: str | Path) -> list[str]:
+    """The column names of an existing manifest file, read cheaply: a CSV's header line, a Parquet file's schema,
+    the keys of a JSON Lines file's objects (every line is parsed, but no frame is built).
+
+    Raises :class:`DataError` for an unsupported extension or a file that cannot be read as its format.
+    """
+    path = Path(path)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"manifest {path} has an unsupported extension {path.suffix!r}; "
+                        f"use one of {sorted(_SUFFIXES)}")
+    if kind == "csv":
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=sniff_delimiter(path)), None)
+        if not header:
+            raise DataError(f"manifest {path} is empty: it has no header and no rows")
+        return header
+    if kind == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        except Exception as err:  # pyarrow raises several types (ArrowInvalid, OSError) for a bad file
+            raise DataError(f"manifest {path} is not a readable Parquet file: {err}") from None
+    keys: dict[str, None] = {}
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if raw.strip():
+                try:
+                    obj = json.loads(raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff"))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"manifest {path}, line {lineno}: not valid JSON ({err.msg} at column "
+                                    f"{err.colno}). Each line must hold one JSON object.") from None
+                if isinstance(obj, dict):
+                    keys.update(dict.fromkeys(str(k) for k in obj))
+    return list(keys)
 
 
 def read_manifest(path: str | Path, columns: Columns | None = None) -> pd.DataFrame:

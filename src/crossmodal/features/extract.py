@@ -221,6 +221,7 @@ def extract_features(
     out_dir: str | Path | None = None,
     *,
     progress: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
     extractor: FeatureExtractor | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> FeatureResult:
@@ -230,7 +231,9 @@ def extract_features(
     ``out_dir`` the arrays are also copied to out_dir/image.npy and out_dir/text.npy with out_dir/features.json
     (for DVC), and the result's paths point there; otherwise they point into the cache. ``extractor`` (built
     with this same ``cfg``) lends its already-loaded encoders, e.g. to a long-lived worker; by default encoders
-    are loaded only if something must be encoded.
+    are loaded only if something must be encoded. ``progress`` draws tqdm bars on stderr; ``on_progress(kind,
+    done, total)`` hears, per kind, how many of the distinct present items are ready (found in the store or
+    encoded), once when the kind starts and after each encoded batch.
     """
     if extractor is not None and extractor.cfg != cfg:
         raise ValueError("extract_features: the extractor was built with another EncodersConfig than cfg")
@@ -260,7 +263,7 @@ def extract_features(
             try:
                 sweep_stale_tmp(final.parent)
                 dims[kind] = _extract(kind, df, items, final, shelves[kind], headers[kind], getattr(cfg, kind).name,
-                                      get_fx, chunk_rows, counts, progress, validated_path)
+                                      get_fx, chunk_rows, counts, progress, validated_path, on_progress)
                 seconds[kind] = round(time.perf_counter() - t0, 3)
                 write_json(final.with_suffix(".json"), sort_keys=True, obj={
                     "key": keys[kind], "kind": kind, "rows": len(df), "dim": dims[kind], "precision": precision,
@@ -281,6 +284,8 @@ def extract_features(
             dims[kind] = int(npy_shape(final)[1])
             encoded[kind], reused[kind] = 0, _distinct_count(final, df, kind)
             log.info("%s features: cache hit %s", kind, final)
+            if on_progress is not None:
+                on_progress(kind, reused[kind], reused[kind])
         _drop_old_parts(final)
 
     result = FeatureResult(paths["image"], paths["text"], keys["image"], keys["text"], computed, len(df),
@@ -313,7 +318,8 @@ def _distinct_count(final: Path, df, kind: str) -> int:
 
 
 def _extract(kind: str, df, items: _Items, final: Path, shelf_dir: Path, header: dict, encoder: str,
-             get_fx: Callable[[], FeatureExtractor], chunk_rows: int, counts: dict, progress: bool, source) -> int:
+             get_fx: Callable[[], FeatureExtractor], chunk_rows: int, counts: dict, progress: bool, source,
+             on_progress: Callable[[str, int, int], None] | None = None) -> int:
     """Encode the items the shelf lacks, then assemble ``final``; returns the feature dimension.
 
     A chunk removed while it is read (``--force`` replacing the shelf's chunks) costs one more look at the shelf,
@@ -327,8 +333,16 @@ def _extract(kind: str, df, items: _Items, final: Path, shelf_dir: Path, header:
             todo = np.flatnonzero(chunk < 0)
             log.info("%s features: %d distinct items, %d in the store (%d chunks), encoding %d", kind, len(items.keys),
                      len(items.keys) - len(todo), len(shelf.names), len(todo))
+            report = None
+            if on_progress is not None:
+                stored = len(items.keys) - len(todo)
+                on_progress(kind, stored, len(items.keys))
+
+                def report(done: int, stored: int = stored, total: int = len(items.keys)) -> None:
+                    on_progress(kind, stored + done, total)
             if len(todo):
-                _encode(get_fx(), kind, df, shelf, items, todo, chunk, row, chunk_rows, counts, progress, source)
+                _encode(get_fx(), kind, df, shelf, items, todo, chunk, row, chunk_rows, counts, progress, source,
+                        report)
             if shelf.dim is not None:
                 shelf.describe({**header, "encoder_name": encoder})
                 dim = shelf.dim
@@ -346,21 +360,23 @@ def _extract(kind: str, df, items: _Items, final: Path, shelf_dir: Path, header:
 
 
 def _encode(fx: FeatureExtractor, kind: str, df, shelf: Shelf, items: _Items, todo: np.ndarray, chunk: np.ndarray,
-            row: np.ndarray, chunk_rows: int, counts: dict, progress: bool, source) -> None:
+            row: np.ndarray, chunk_rows: int, counts: dict, progress: bool, source,
+            report: Callable[[int], None] | None = None) -> None:
     """Encode the distinct items ``todo`` in one pass, adding a chunk to the shelf each time ``chunk_rows`` are done.
 
-    ``chunk``/``row`` learn where each new item went.
+    ``chunk``/``row`` learn where each new item went; ``report(n)`` hears after each batch that n items are encoded.
     """
     from crossmodal.data.images import ImageError
 
     bounds = [(s, min(s + chunk_rows, len(todo))) for s in range(0, len(todo), chunk_rows)]
     buf: list[np.ndarray] = []
-    have, k = 0, 0
+    have, k, done = 0, 0, 0
 
     def take(feats: np.ndarray) -> None:
-        nonlocal have, k
+        nonlocal have, k, done
         buf.append(feats)
         have += len(feats)
+        done += len(feats)
         while k < len(bounds) and have >= bounds[k][1] - bounds[k][0]:
             s, e = bounds[k]
             block = np.concatenate(buf) if len(buf) > 1 else buf[0]
@@ -372,6 +388,8 @@ def _encode(fx: FeatureExtractor, kind: str, df, shelf: Shelf, items: _Items, to
             buf[:] = [rest] if len(rest) else []
             have -= e - s
             k += 1
+        if report is not None:
+            report(done)
 
     rows = items.rows[todo]
     if kind == "image":

@@ -142,13 +142,15 @@ def cached_validate(manifest: str | Path, cfg: Config, out_dir: str | Path, cach
 
 
 # ----------------------------------------------------------------------------- extract (forced)
-def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path) -> dict[str, Any]:
+def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path, progress: bool = True,
+                  on_progress=None) -> dict[str, Any]:
     """Encode every item again even when the feature store has it (``--force``), then swap the results in.
 
     They are extracted into a private, empty store next to the real one (so nothing is reused: ``encoded`` counts
     every distinct item) and moved into the real one by ``crossmodal.features.extract.replace_store``: the shelf
     chunks win over the entries they replace, the assembled arrays land on the cached ones with one atomic rename
     each, so a run reading the store meanwhile sees the old file or the new one, never a missing one.
+    ``progress``, ``on_progress``: as for ``extract_features``.
     """
     from crossmodal.features.extract import extract_features, replace_store
 
@@ -158,7 +160,8 @@ def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path
     sweep_tmp(folder)
     tmp = folder / tmp_name("force")
     try:
-        result = replace_store(extract_features(validated_path, cfg.encoders, tmp), tmp, cache_dir)
+        result = replace_store(extract_features(validated_path, cfg.encoders, tmp, progress=progress,
+                                                on_progress=on_progress), tmp, cache_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result.to_dict()

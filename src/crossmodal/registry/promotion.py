@@ -2,24 +2,40 @@
 
     from crossmodal.registry.promotion import promote, register_and_gate, rollback
     version, decision = register_and_gate(model_uri, cfg.mlflow.model_name, test_rows, cfg.promotion, tracking_uri,
-                                          run_id=run_id, fingerprint=fingerprint, reuse_identical=True)
-    decision.promoted, decision.reason
-    promote(cfg.mlflow.model_name, 3)             # by hand: champion -> version 3
-    rollback(cfg.mlflow.model_name)               # champion -> the previous champion
+                                          run_id=run_id, fingerprint=fingerprint, reuse_identical=True,
+                                          learned_ids=frame.loc[frame["split"] != "test", "id"])
+    decision.promoted, decision.reason, decision.ci_low
+    promote(cfg.mlflow.model_name, 3, reason="fixes the night-time photos")   # by hand: champion -> version 3
+    rollback(cfg.mlflow.model_name)                                           # champion -> the one before
 
-A new version gets alias ``challenger`` and becomes ``champion`` when there is none, or when it beats the champion by
-more than ``promotion.min_improvement`` on ``promotion.metric``, both scored through their registered pyfunc
-models on the same test rows (which also proves the new model loads and predicts from raw inputs). The decision
-is recorded as tags on the run and the version; every move of ``champion`` is appended to the registered model's
-tag ``crossmodal.champion_history``, which ``crossmodal rollback`` reads.
+A new version gets alias ``challenger``. It becomes ``champion`` when there is none, or when it is better on rows
+neither model learned from, by an interval rather than a point estimate:
+
+1. Each version records the ids of the rows it learned from (its run's train and validation rows:
+   ``crossmodal.registry.learned_ids``). Of the current run's test rows, only those that neither the champion nor
+   the challenger learned from are compared. A model whose learned rows are not recorded (registered by an older
+   release) cannot be compared soundly: the gate refuses and says so.
+2. Fewer than ``promotion.min_rows`` such rows: refused, with the count in the reason.
+3. Both versions are scored on those rows through their registered pyfunc models (which also proves the new model
+   loads and predicts from raw inputs; an absent image or text is sent as absent), and
+   ``crossmodal.evaluation.comparison`` gives the challenger-minus-champion difference of ``promotion.metric`` with
+   a seeded paired bootstrap interval (``promotion.bootstrap_resamples``, ``promotion.confidence``,
+   ``promotion.seed``) and an exact McNemar p-value on per-row correctness. Promoted when the interval's low end
+   is above ``promotion.min_improvement``.
+
+The decision is recorded as tags (``crossmodal.gate.*``) and metrics (``gate_delta``, ``gate_ci_low``,
+``gate_ci_high``, ``gate_p_value``, ``gate_n_rows``) on the run and as tags on the version; every move of
+``champion`` (the gate's, :func:`promote`'s, :func:`rollback`'s) is appended to the registered model's history
+(``crossmodal.registry.history``), which :func:`rollback` replays.
 
 Crash safety: :func:`register_and_gate` holds one lock for register + score + alias moves, so concurrent runs are
 gated one after the other, and writes in this order: the version is registered with ``crossmodal.state=pending``,
 the decision is tagged and the state set to ``decided``, then ``challenger`` and (if it won) ``champion`` move and
 the state becomes ``complete``. The next gate's :func:`recover` deletes a pending version (its run is marked FAILED)
-and finishes a decided one's alias moves, so aliases only ever point at decided versions. With
-``reuse_identical``, a model whose fingerprint (``crossmodal.fingerprint``) matches a complete version is not
-registered again, checked under the lock so that two identical runs finishing together register one version.
+and finishes a decided one's alias moves, so aliases only ever point at decided versions. :func:`promote` and
+:func:`rollback` take the same lock and recover first. With ``reuse_identical``, a model whose fingerprint
+(``crossmodal.fingerprint``) matches a complete version is not registered again, checked under the lock so that
+two identical runs finishing together register one version.
 
 The lock is a file lock next to a SQLite or file store, so it holds across processes on one machine; for a remote
 tracking server it is keyed by the URI in the temporary folder and serialises one machine's runs only (several
@@ -29,8 +45,10 @@ machines need one scheduler, e.g. a Prefect work pool with concurrency 1).
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,13 +59,29 @@ import pandas as pd
 
 from crossmodal.config import PromotionConfig
 from crossmodal.errors import PromotionError
+from crossmodal.registry.history import append_entry, check_reason, read_history, rollback_target
+from crossmodal.registry.learned_ids import (
+    LEARNED_IDS_TAG,
+    RUN_ID_TAG,
+    content_keys,
+    learned_ids_digest,
+    log_learned_ids,
+    normalise_ids,
+    version_learned_ids,
+)
+
+log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-HISTORY_TAG = "crossmodal.champion_history"
 STATE_TAG = "crossmodal.state"  # pending -> decided -> complete (see the module docstring)
-PROMOTED_TAG = "crossmodal.gate.promoted"
+GATE_TAG = "crossmodal.gate."  # prefix of the decision's tags on the run and the version
+PROMOTED_TAG = f"{GATE_TAG}promoted"
 FINGERPRINT_TAG = "crossmodal.fingerprint"  # what the registered model is made of (crossmodal.registry.publish)
 UNCHANGED_TAG = "crossmodal.unchanged_since_version"  # on a run whose model was already registered
+TEST = "paired_bootstrap"
+# The decision's figures, also logged as run metrics gate_<name> so runs can be charted and compared in the UI.
+GATE_METRICS = ("delta", "ci_low", "ci_high", "p_value", "n_rows")
+SCORE_CHUNK = 512  # rows whose image bytes are read and predicted at a time: memory stays bounded
 
 
 @dataclass
@@ -56,11 +90,17 @@ class GateDecision:
     reason: str
     metric: str
     challenger_version: str
-    challenger_score: float | None
+    challenger_score: float | None  # on the rows compared (all test rows when there is no champion)
     champion_version: str | None  # champion before the decision
     champion_score: float | None
-    delta: float | None
+    delta: float | None  # challenger minus champion on the rows compared
     unchanged: bool = False  # the model was already registered as challenger_version: nothing registered or gated
+    test: str | None = None  # "paired_bootstrap" when the two were compared
+    n_rows: int | None = None  # rows scored: unseen by both when compared
+    ci_low: float | None = None  # the delta's paired bootstrap interval
+    ci_high: float | None = None
+    p_value: float | None = None  # exact McNemar test on per-row correctness
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,9 +143,9 @@ def unchanged_decision(model_name: str, version: str, metric: str) -> GateDecisi
     score = None
     try:
         mv = _client().get_model_version(model_name, version)
-        run_id = (mv.tags or {}).get("crossmodal.run_id") or mv.run_id
+        run_id = (mv.tags or {}).get(RUN_ID_TAG) or mv.run_id
         if run_id:
-            tag = _client().get_run(run_id).data.tags.get("crossmodal.gate.challenger_score")
+            tag = _client().get_run(run_id).data.tags.get(f"{GATE_TAG}challenger_score")
             score = float(tag) if tag else None
     except Exception:  # the score is informative only
         pass
@@ -113,89 +153,174 @@ def unchanged_decision(model_name: str, version: str, metric: str) -> GateDecisi
                         metric, version, score, current_champion(model_name), None, None, unchanged=True)
 
 
-def register(model_uri: str, model_name: str, run_id: str | None = None) -> str:
-    """Register ``model_uri`` as a new version of ``model_name`` with alias ``challenger``; return the version."""
+def _present(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def model_input(rows: pd.DataFrame) -> pd.DataFrame:
+    """The pyfunc input for validated rows: image bytes (a model refuses paths unless it was logged with
+    ``serving.allowed_image_root``) and text, None where the row has no image or no text (``--allow-missing``).
+    A column no row has is left out: the model then predicts from the other one."""
+    images = [Path(p).read_bytes() if _present(p) else None for p in rows["image"]]
+    texts = [t if _present(t) else None for t in rows["text"]]
+    columns = {"image_bytes": images, "text": texts}
+    present = {k: v for k, v in columns.items() if any(x is not None for x in v)}
+    return pd.DataFrame(present or columns)
+
+
+def score_version(model_name: str, version: str, rows: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """A registered version's labels and class probabilities (N, C) on ``rows`` (columns image, text), predicted
+    through its pyfunc model."""
     import mlflow
-
-    version = mlflow.register_model(model_uri, model_name, tags={"crossmodal.run_id": run_id or ""}).version
-    _client().set_registered_model_alias(model_name, CHALLENGER, version)
-    return str(version)
-
-
-def score_version(model_name: str, version: str, rows: pd.DataFrame, metric: str) -> float | None:
-    """Score a registered version on ``rows`` (columns image, text, label) through its pyfunc model.
-
-    Returns None when the version predicts another label set than ``rows`` holds (not comparable).
-    """
-    import mlflow
-    from crossmodal.evaluation.metrics import compute_metrics
 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    # Bytes, not paths: a model refuses image paths unless it was logged with serving.allowed_image_root.
-    images = [Path(p).read_bytes() for p in rows["image"]]
-    out = model.predict(pd.DataFrame({"image_bytes": images, "text": rows["text"].tolist()}))
+    out = pd.concat([model.predict(model_input(rows.iloc[s : s + SCORE_CHUNK]))
+                     for s in range(0, max(len(rows), 1), SCORE_CHUNK)], ignore_index=True)
     labels = [c[len("prob_"):] for c in out.columns if c.startswith("prob_")]
-    if not set(rows["label"]).issubset(labels):
+    return labels, out[[f"prob_{c}" for c in labels]].to_numpy(dtype="float64")
+
+
+def _metric(rows: pd.DataFrame, labels: list[str], proba: np.ndarray, metric: str) -> float | None:
+    from crossmodal.evaluation.metrics import compute_metrics
+
+    if not len(rows) or not set(rows["label"]).issubset(labels):
         return None
     index = {c: k for k, c in enumerate(labels)}
-    y = np.array([index[v] for v in rows["label"]])
-    proba = out[[f"prob_{c}" for c in labels]].to_numpy(dtype="float64")
-    value = compute_metrics(y, proba, labels).get(metric)
+    value = compute_metrics(np.array([index[v] for v in rows["label"]]), proba, labels).get(metric)
     return None if value is None else float(value)
 
 
-def _push_history(model_name: str, version: str) -> None:
-    client = _client()
-    tags = client.get_registered_model(model_name).tags or {}
-    history = [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
-    if not history or history[-1] != version:
-        history.append(version)
-    client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history[-50:]))
+def unseen_rows(test_rows: pd.DataFrame, *learned: Iterable[str]) -> pd.Series:
+    """Boolean mask of the ``test_rows`` whose id and content key are in none of the ``learned`` sets."""
+    if "id" not in test_rows.columns:
+        raise PromotionError("the test rows have no 'id' column: the gate compares models only on rows neither "
+                             "learned from, found by id; pass validated rows (crossmodal validate)")
+    seen: set[str] = set()
+    for ids in learned:
+        seen.update(ids)
+    unseen = ~test_rows["id"].astype(str).isin(seen)
+    content = content_keys(test_rows)
+    return unseen & ~content.isin(seen) if len(content) else unseen
 
 
-def set_champion(model_name: str, version: str) -> None:
-    client = _client()
-    client.get_model_version(model_name, version)  # raises a clear MLflow error for an unknown version
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    _push_history(model_name, version)
+def _points(value: float) -> str:
+    return f"{value * 100:+.1f}"
 
 
-def gate(model_name: str, version: str, test_rows: pd.DataFrame, cfg: PromotionConfig,
-         run_id: str | None = None, move_aliases: bool = True) -> GateDecision:
-    """Decide whether ``version`` (already registered) becomes champion.
+def _p(value: float) -> str:
+    return "p < 0.001" if value < 0.001 else f"p = {value:.3f}" if value < 0.01 else f"p = {value:.2f}"
 
-    With ``move_aliases`` False only the decision is made and recorded on the run (``register_and_gate`` moves
-    the aliases itself, after recording the decision on the version).
+
+def _by_hand(version: str) -> str:
+    return f"crossmodal promote --version {version} --reason ... moves it by hand"
+
+
+def compare(model_name: str, version: str, champion: str, rows: pd.DataFrame, labels: list[str],
+            proba: np.ndarray, cfg: PromotionConfig) -> GateDecision:
+    """Challenger ``version`` (its ``labels`` and ``proba`` on ``rows``) against ``champion`` on ``rows``."""
+    from crossmodal.evaluation.comparison import mcnemar_exact, paired_bootstrap
+
+    def refused(reason: str, **figures) -> GateDecision:
+        return GateDecision(False, reason, cfg.metric, version, figures.pop("challenger_score", None), champion,
+                            figures.pop("champion_score", None), None, n_rows=int(len(rows)),
+                            confidence=cfg.confidence, **figures)
+
+    champion_labels, champion_proba = score_version(model_name, champion, rows)
+    if set(champion_labels) != set(labels) or not set(rows["label"]).issubset(labels):
+        return refused(f"champion v{champion} predicts labels {sorted(champion_labels)}, challenger v{version} "
+                       f"{sorted(labels)} and the test rows hold {sorted(set(rows['label']))}: not comparable; "
+                       f"{_by_hand(version)}")
+    champion_proba = champion_proba[:, [champion_labels.index(c) for c in labels]]  # the challenger's column order
+    index = {c: k for k, c in enumerate(labels)}
+    y = np.array([index[v] for v in rows["label"]])
+    stats = paired_bootstrap(y, champion_proba, proba, labels, cfg.metric, cfg.bootstrap_resamples,
+                             cfg.confidence, cfg.seed)
+    p_value = mcnemar_exact(champion_proba.argmax(axis=1) == y, proba.argmax(axis=1) == y)
+    if stats["delta"] is None or stats["ci_low"] is None:
+        return refused(f"{cfg.metric} is undefined on the {len(rows):,} rows unseen by both champion v{champion} "
+                       f"and challenger v{version} (a class is absent from them): not comparable; "
+                       f"{_by_hand(version)}", p_value=p_value)
+    low, high, delta = stats["ci_low"], stats["ci_high"], stats["delta"]
+    promoted = low > cfg.min_improvement
+    if promoted:
+        verdict = "significant, promoted"
+    elif low > 0:
+        verdict = (f"significant, but the interval's low end is not above promotion.min_improvement "
+                   f"({_points(cfg.min_improvement)} points): not promoted")
+    elif high < 0:
+        verdict = "significantly worse: not promoted"
+    else:
+        verdict = "not significant: not promoted"
+    reason = (f"challenger v{version} vs champion v{champion} on {cfg.metric}: {_points(delta)} points, "
+              f"{cfg.confidence * 100:g} % interval {_points(low)} to {_points(high)} on {len(rows):,} rows "
+              f"(McNemar {_p(p_value)}): {verdict}")
+    return GateDecision(promoted, reason, cfg.metric, version, stats["score_b"], champion, stats["score_a"], delta,
+                        test=TEST, n_rows=int(len(rows)), ci_low=low, ci_high=high, p_value=p_value,
+                        confidence=cfg.confidence)
+
+
+def gate(model_name: str, version: str, test_rows: pd.DataFrame, cfg: PromotionConfig, run_id: str | None = None,
+         learned_ids: Iterable[str] | None = None) -> GateDecision:
+    """Decide whether ``version`` (already registered) becomes champion, and record the decision on ``run_id``.
+
+    ``learned_ids``: the ids ``version`` learned from (default: read from its run, see
+    ``crossmodal.registry.learned_ids``). Moves no alias: :func:`register_and_gate` does that, in order, under the
+    lock.
     """
     champion = current_champion(model_name)
-    challenger_score = score_version(model_name, version, test_rows, cfg.metric)
+    labels, proba = score_version(model_name, version, test_rows)  # every test row: proves the model predicts
+    all_rows = {"challenger_score": _metric(test_rows, labels, proba, cfg.metric), "n_rows": int(len(test_rows)),
+                "confidence": cfg.confidence}
     if champion is None:
-        decision = GateDecision(True, "no champion yet", cfg.metric, version, challenger_score, None, None, None)
+        decision = GateDecision(True, "no champion yet", cfg.metric, version, all_rows.pop("challenger_score"),
+                                None, None, None, **all_rows)
     elif champion == version:
-        decision = GateDecision(False, "already champion", cfg.metric, version, challenger_score, champion,
-                                challenger_score, 0.0)
+        decision = GateDecision(False, "already champion", cfg.metric, version, all_rows.pop("challenger_score"),
+                                champion, None, None, **all_rows)
     else:
-        champion_score = score_version(model_name, champion, test_rows, cfg.metric)
-        if champion_score is None or challenger_score is None:
-            decision = GateDecision(False, f"champion v{champion} predicts another label set; not comparable "
-                                    f"(promote by hand: crossmodal promote --version {version})", cfg.metric,
-                                    version, challenger_score, champion, champion_score, None)
+        champion_ids = version_learned_ids(model_name, champion)
+        challenger_ids = (frozenset(normalise_ids(learned_ids)) if learned_ids is not None
+                          else version_learned_ids(model_name, version))
+        unknown = [f"{role} v{v}" for role, v, ids in (("champion", champion, champion_ids),
+                                                       ("challenger", version, challenger_ids)) if ids is None]
+        if unknown:
+            reason = (f"{' and '.join(unknown)} {'has' if len(unknown) == 1 else 'have'} no record of the rows "
+                      f"{'it' if len(unknown) == 1 else 'they'} learned from (registered by an older release or "
+                      f"without learned ids), so no test row can be shown unseen by both: not promoted; "
+                      f"{_by_hand(version)}")
+            decision = GateDecision(False, reason, cfg.metric, version, all_rows.pop("challenger_score"), champion,
+                                    None, None, **all_rows)
         else:
-            delta = challenger_score - champion_score
-            promoted = delta > cfg.min_improvement
-            verb = "beats" if promoted else "does not beat"
-            reason = (f"challenger v{version} {verb} champion v{champion} on {cfg.metric}: "
-                      f"{challenger_score:.4f} vs {champion_score:.4f} (delta {delta:+.4f}, "
-                      f"needs > {cfg.min_improvement})")
-            decision = GateDecision(promoted, reason, cfg.metric, version, challenger_score, champion,
-                                    champion_score, delta)
-    if decision.promoted and move_aliases:
-        set_champion(model_name, version)
+            mask = unseen_rows(test_rows, champion_ids, challenger_ids).to_numpy()
+            n = int(mask.sum())
+            if n < cfg.min_rows:
+                reason = (f"only {n:,} test rows are unseen by both champion v{champion} and challenger v{version} "
+                          f"(promotion.min_rows: {cfg.min_rows:,}): not promoted; {_by_hand(version)}")
+                decision = GateDecision(False, reason, cfg.metric, version, None, champion, None, None, n_rows=n,
+                                        confidence=cfg.confidence)
+            else:
+                decision = compare(model_name, version, champion, test_rows[mask], labels, proba[mask], cfg)
     if run_id:
-        client = _client()
-        for key, value in decision.to_dict().items():
-            client.set_tag(run_id, f"crossmodal.gate.{key}", "" if value is None else str(value))
+        _record_on_run(run_id, decision)
     return decision
+
+
+def _record_on_run(run_id: str, decision: GateDecision) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    values = decision.to_dict()
+    tags = [RunTag(f"{GATE_TAG}{k}", "" if v is None else str(v)) for k, v in values.items()]
+    metrics = [Metric(f"gate_{k}", float(values[k]), now, 0) for k in GATE_METRICS if values[k] is not None]
+    _client().log_batch(run_id, metrics=metrics, tags=tags)
+
+
+def _record_on_version(model_name: str, version: str, decision: GateDecision) -> None:
+    client = _client()
+    for key in ("promoted", "reason", "metric", "champion_version", "test", *GATE_METRICS, "confidence"):
+        value = getattr(decision, key)
+        if value is not None:
+            client.set_model_version_tag(model_name, version, f"{GATE_TAG}{key}", str(value))
 
 
 def lock_path(tracking_uri: str) -> Path:
@@ -230,6 +355,22 @@ def gate_lock(tracking_uri: str, timeout_s: float):
         lock.release()
 
 
+def move_champion(model_name: str, version: str, action: str, reason: str) -> dict[str, Any] | None:
+    """Point ``champion`` at ``version`` and append the move to the history (call under the gate lock).
+
+    Returns the history entry; None when a gate's move is being finished again by :func:`recover` and the alias
+    and its entry are already there (a run killed after both, before the version was marked complete).
+    """
+    check_reason(reason)  # before the alias moves: a move is never left out of the history
+    previous = current_champion(model_name)
+    if action == "gate" and previous == version:
+        history = read_history(model_name)
+        if history and history[-1]["version"] == version and history[-1]["action"] == "gate":
+            return None
+    _client().set_registered_model_alias(model_name, CHAMPION, version)
+    return append_entry(model_name, version, previous, action, reason)
+
+
 def recover(model_name: str) -> list[str]:
     """Finish or undo what a killed run left half done (call only under the gate lock). Returns what it did."""
     from mlflow.exceptions import MlflowException
@@ -238,10 +379,11 @@ def recover(model_name: str) -> list[str]:
     versions = client.search_model_versions(f"name = '{model_name}'")  # [] for a model not registered yet
     done = []
     for mv in sorted(versions, key=lambda m: int(m.version)):
-        state = (mv.tags or {}).get(STATE_TAG)
+        tags = mv.tags or {}
+        state = tags.get(STATE_TAG)
         if state == "pending":  # registered, never decided: nothing points at it; remove it
             client.delete_model_version(model_name, mv.version)
-            run_id = (mv.tags or {}).get("crossmodal.run_id")
+            run_id = tags.get(RUN_ID_TAG)
             if run_id:
                 try:  # its run never got past registration, whatever status it was left in
                     if client.get_run(run_id).info.status != "FAILED":
@@ -250,23 +392,31 @@ def recover(model_name: str) -> list[str]:
                     pass
             done.append(f"deleted version {mv.version} (its run stopped before the gate decided)")
         elif state == "decided":  # decided, aliases not all moved: finish the moves
-            set_aliases(model_name, str(mv.version), mv.tags.get(PROMOTED_TAG) == "True")
+            set_aliases(model_name, str(mv.version), tags.get(PROMOTED_TAG) == "True",
+                        tags.get(f"{GATE_TAG}reason") or "decided by the gate before its run stopped")
             done.append(f"finished the alias moves of version {mv.version}")
     return done
 
 
-def set_aliases(model_name: str, version: str, promoted: bool) -> None:
+def set_aliases(model_name: str, version: str, promoted: bool, reason: str) -> None:
+    """The decided version's alias moves, ``champion`` last, then its state ``complete``."""
     client = _client()
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     if promoted:
-        set_champion(model_name, version)  # champion moves last
+        move_champion(model_name, version, "gate", reason)
     client.set_model_version_tag(model_name, version, STATE_TAG, "complete")
 
 
 def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, cfg: PromotionConfig,
                       tracking_uri: str, run_id: str | None = None, fingerprint: str | None = None,
-                      reuse_identical: bool = False) -> tuple[str, GateDecision]:
+                      reuse_identical: bool = False, learned_ids: Iterable[str] | None = None
+                      ) -> tuple[str, GateDecision]:
     """Register ``model_uri`` and run the gate, one run at a time; returns (version, decision).
+
+    ``learned_ids``: the ids of the rows the model learned from (its run's train and validation rows); logged on
+    ``run_id`` (``data/learned_ids.parquet``) and their digest tagged on the run and the version, so that this gate
+    and later ones compare only on rows it never saw. Without them the version counts as having learned from rows
+    nobody can name: while there is a champion, it is never promoted by a gate.
 
     With ``reuse_identical`` and a complete version of the same ``fingerprint`` already there, nothing is
     registered and the decision says ``unchanged`` (that version's number is returned). See the module docstring
@@ -275,27 +425,30 @@ def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, 
     import mlflow
 
     client = _client()
+    unseen_rows(test_rows.head(0))  # no id column: refused before anything is logged or registered
+    learned = None if learned_ids is None else normalise_ids(learned_ids)
+    if learned is not None and run_id:
+        log_learned_ids(run_id, learned)  # before the lock: it holds nothing another run reads
     with gate_lock(tracking_uri, cfg.lock_timeout_s):
         started = time.time()
         for note in recover(model_name):
-            import logging
-
-            logging.getLogger(__name__).warning("%s: %s", model_name, note)
+            log.warning("%s: %s", model_name, note)
         same = identical_version(model_name, fingerprint) if fingerprint and reuse_identical else None
         if same is not None:  # an identical run registered it while this one was logging
             if run_id:
                 client.set_tag(run_id, UNCHANGED_TAG, same)
             return same, unchanged_decision(model_name, same, cfg.metric)
-        tags = {"crossmodal.run_id": run_id or "", STATE_TAG: "pending"}
+        tags = {RUN_ID_TAG: run_id or "", STATE_TAG: "pending"}
         if fingerprint:
             tags[FINGERPRINT_TAG] = fingerprint
+        if learned is not None:
+            tags[LEARNED_IDS_TAG] = learned_ids_digest(learned)
         mv = mlflow.register_model(model_uri, model_name, tags=tags)
         version = str(mv.version)
         try:
-            decision = gate(model_name, version, test_rows, cfg, run_id=run_id, move_aliases=False)
-            for key in ("promoted", "reason", "metric"):
-                client.set_model_version_tag(model_name, version, f"crossmodal.gate.{key}",
-                                             str(getattr(decision, key)))
+            decision = gate(model_name, version, test_rows, cfg, run_id=run_id,
+                            learned_ids=None if learned is None else frozenset(learned))
+            _record_on_version(model_name, version, decision)
             client.set_model_version_tag(model_name, version, STATE_TAG, "decided")
         except BaseException:
             # Still pending: undo now rather than leave it to the next run (a hard kill skips this; recover() then).
@@ -304,38 +457,56 @@ def register_and_gate(model_uri: str, model_name: str, test_rows: pd.DataFrame, 
             except Exception:  # the store itself may be what failed; recover() removes it later
                 pass
             raise
-        set_aliases(model_name, version, decision.promoted)
+        set_aliases(model_name, version, decision.promoted, decision.reason)
         if run_id:
-            client.set_tag(run_id, "crossmodal.gate.started_at", f"{started:.6f}")
-            client.set_tag(run_id, "crossmodal.gate.finished_at", f"{time.time():.6f}")
+            client.set_tag(run_id, f"{GATE_TAG}started_at", f"{started:.6f}")
+            client.set_tag(run_id, f"{GATE_TAG}finished_at", f"{time.time():.6f}")
     return version, decision
 
 
-def promote(model_name: str, version: str | int) -> str:
-    """Move ``champion`` to ``version`` by hand (``crossmodal promote --version N``)."""
+def promote(model_name: str, version: str | int, reason: str = "by hand", tracking_uri: str | None = None,
+            lock_timeout_s: float = 1800.0) -> str:
+    """Move ``champion`` to ``version`` by hand (``crossmodal promote --version N --reason TEXT``), recorded in the
+    history with ``reason``; waits for a running gate (the gate lock of ``tracking_uri``, default MLflow's)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        set_champion(model_name, str(version))
-    except MlflowException as err:
-        raise PromotionError(f"cannot promote {model_name} version {version}: {err.message}") from None
-    return str(version)
+    import mlflow
+
+    version = str(version)
+    check_reason(reason)
+    with gate_lock(tracking_uri or mlflow.get_tracking_uri(), lock_timeout_s):
+        recover(model_name)
+        try:
+            _client().get_model_version(model_name, version)
+        except MlflowException as err:
+            raise PromotionError(f"cannot promote {model_name} version {version}: {err.message}") from None
+        move_champion(model_name, version, "promote", reason)
+    return version
 
 
-def rollback(model_name: str) -> str:
-    """Move ``champion`` back to the version that held it before the current one."""
+def rollback(model_name: str, reason: str = "rolled back by hand", tracking_uri: str | None = None,
+             lock_timeout_s: float = 1800.0) -> str:
+    """Move ``champion`` back to the version that held it before the current one, per the history (rolling back
+    twice goes two moves back); the rollback is itself an entry of the history. Returns that version."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
-    try:
-        tags = client.get_registered_model(model_name).tags or {}
-    except MlflowException:
-        raise PromotionError(f"no registered model named {model_name!r}") from None
-    history = [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
-    if len(history) < 2:
-        raise PromotionError(f"{model_name} has no earlier champion to roll back to "
-                             f"(history: {history or 'empty'}); use crossmodal promote --version N")
-    previous = history[-2]
-    client.set_registered_model_alias(model_name, CHAMPION, previous)
-    client.set_registered_model_tag(model_name, HISTORY_TAG, ",".join(history[:-1]))
-    return previous
+    import mlflow
+
+    check_reason(reason)
+    with gate_lock(tracking_uri or mlflow.get_tracking_uri(), lock_timeout_s):
+        recover(model_name)
+        history = read_history(model_name)  # PromotionError for an unknown model
+        current = current_champion(model_name)
+        target = rollback_target(history, current)
+        if target is None:
+            moves = ", ".join(f"v{e['version']} ({e['action']})" for e in history) or "none"
+            raise PromotionError(f"{model_name} has no earlier champion to roll back to (moves so far: {moves}); "
+                                 "use crossmodal promote --version N")
+        try:
+            _client().get_model_version(model_name, target)
+        except MlflowException:
+            raise PromotionError(f"cannot roll {model_name} back to version {target}: that version no longer "
+                                 "exists; use crossmodal promote --version N") from None
+        _client().set_registered_model_alias(model_name, CHAMPION, target)
+        append_entry(model_name, target, current, "rollback", reason)
+    return target

@@ -11,15 +11,22 @@ written as JSON for scripts and schedulers::
     {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
      "modality", "missing_text", "missing_image"}}, "best_fusion", "best_unimodal", "best_head",
      "registered_head", "best_traditional", "selection_metric", "fusion_gain_macro_f1",
-     "rows": {"in", "kept", "quarantined", "quarantine_file"},
+     "rows": {"in", "kept", "quarantined", "quarantine_file", "validated_file", "split_counts", "split_source"},
+     "features": {"image": {"encoded", "reused"}, "text": {"encoded", "reused"}} (distinct items; null when the
+                 extraction result is not passed in, as from ``crossmodal register``),
      "mlflow": {"tracking_uri", "experiment_id", "run_id", "model_name", "version", "champion_version",
                 "fingerprint"},
-     "promotion": {"promoted", "reason", "metric", "challenger_score", "champion_score", "delta", ...},
-     "unchanged", "unchanged_since_version"}
+     "promotion": {"promoted", "reason", "metric", "challenger_version", "challenger_score", "champion_version",
+                   "champion_score", "delta", "unchanged", "test", "n_rows", "ci_low", "ci_high", "p_value",
+                   "confidence"} (crossmodal.registry.promotion.GateDecision),
+     "unchanged", "unchanged_since_version",
+     "report": the path of <reports_dir>/report.html (``crossmodal.evaluation.report``; null when it could not be
+               built), also logged to the MLflow run}
 
 When the registry already holds a complete version with the same :func:`model_fingerprint`, nothing is logged,
 registered or gated: ``unchanged`` is true and ``mlflow.version`` / ``unchanged_since_version`` name that version.
-``force=True`` logs and registers anyway (``crossmodal run --force``).
+``force=True`` logs and registers anyway (``crossmodal run --force``). Once the gate has decided, the version, the
+registered model and the run are described in words (``crossmodal.registry.descriptions``).
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ from crossmodal.artifacts import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     QUARANTINE_FILE,
+    REPORT_FILE,
     VALIDATED_FILE,
     VALIDATION_FILE,
 )
 from crossmodal.config import Config
 from crossmodal.data.validated import read_validated
 from crossmodal.files import write_json
+from crossmodal.registry.descriptions import describe_registration, describe_run
 
 log = logging.getLogger(__name__)
 FINGERPRINT_VERSION = 1
@@ -90,7 +99,8 @@ def model_fingerprint(train_dir: str | Path, head: str, cfg: Config, temperature
 
 
 def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantine_file: str,
-                  mlflow_info: dict[str, Any] | None = None, decision: dict[str, Any] | None = None) -> dict[str, Any]:
+                  mlflow_info: dict[str, Any] | None = None, decision: dict[str, Any] | None = None,
+                  validated_file: str | None = None, features: dict[str, Any] | None = None) -> dict[str, Any]:
     heads = {}
     for head, m in metrics["heads"].items():
         test = m.get("test") or {}
@@ -108,13 +118,55 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         "selection_metric": metrics.get("selection_metric", "macro_f1"),
         "fusion_gain_macro_f1": metrics.get("fusion_gain_macro_f1"),
         "rows": {"in": validation["rows_in"], "kept": validation["rows_kept"],
-                 "quarantined": validation["rows_quarantined"], "quarantine_file": quarantine_file},
+                 "quarantined": validation["rows_quarantined"], "quarantine_file": quarantine_file,
+                 "validated_file": validated_file, "split_counts": validation.get("split_counts"),
+                 "split_source": validation.get("split_source")},
+        "features": feature_counts(features),
         "mlflow": mlflow_info or {},
         "promotion": decision or {},
         "unchanged": bool((decision or {}).get("unchanged")),
         "unchanged_since_version": (decision or {}).get("challenger_version") if (decision or {}).get("unchanged")
         else None,
     }
+
+
+def feature_counts(features: dict[str, Any] | None) -> dict[str, dict[str, int]] | None:
+    """``{"image": {"encoded", "reused"}, "text": {...}}`` from an extraction result (None when not known here)."""
+    if not features or "encoded" not in features:
+        return None
+    return {kind: {"encoded": int(features["encoded"][kind]), "reused": int(features["reused"][kind])}
+            for kind in ("image", "text")}
+
+
+REPORT_INPUTS_TAG = "crossmodal.report_inputs"  # where the run's files were: `crossmodal report --run-id` rebuilds
+
+
+def attach_report(summary: dict[str, Any], validated_dir: str | Path, train_dir: str | Path,
+                  reports_dir: str | Path, run_id: str | None, features: dict[str, Any] | None = None) -> None:
+    """Build ``<reports_dir>/report.html``, set ``summary["report"]`` to its path and log it to ``run_id``.
+
+    Never raises: a report that cannot be built or logged must not fail the run (``summary["report"]`` is None
+    when it was not built)."""
+    from crossmodal.evaluation.report import build_report
+
+    try:
+        path = build_report(validated_dir, train_dir, reports_dir, Path(reports_dir) / REPORT_FILE, summary,
+                            features=features)
+        summary["report"] = str(path.resolve())
+    except Exception as err:
+        log.warning("report.html not built: %s: %s", type(err).__name__, err)
+        summary["report"] = None
+        return
+    if run_id:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            dirs = {"validated": validated_dir, "models": train_dir, "reports": reports_dir}
+            client.set_tag(run_id, REPORT_INPUTS_TAG, json.dumps({k: str(Path(v).resolve()) for k, v in dirs.items()}))
+            client.log_artifact(run_id, str(path))
+        except Exception as err:
+            log.warning("report.html not logged to MLflow run %s: %s: %s", run_id, type(err).__name__, err)
 
 
 def _unchanged(cfg: Config, fingerprint: str) -> tuple[dict[str, Any], Any] | None:
@@ -144,15 +196,22 @@ def _unchanged(cfg: Config, fingerprint: str) -> tuple[dict[str, Any], Any] | No
 
 def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
             reports_dir: str | Path, summary_path: str | Path | None = None,
-            run_name: str | None = None, force: bool = False) -> dict[str, Any]:
+            run_name: str | None = None, force: bool = False, run_id: str | None = None,
+            features: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the run, register the registered head and gate it; or nothing, if that model is registered already.
 
     ``force``: log and register even when an identical model is registered (see the module docstring).
+    ``run_id``: the pipeline's MLflow run, opened when it started (``crossmodal.registry.live``); without it a run
+    is created here. ``features``: the extraction result (``FeatureResult.to_dict()``), for the summary's
+    ``features`` counts.
     """
+
+    from mlflow.tracking import MlflowClient
 
     from crossmodal.registry import promotion, tracking
 
     validated_dir, reports_dir = Path(validated_dir), Path(reports_dir)
+    validated_file = str((validated_dir / VALIDATED_FILE).resolve())
     metrics = json.loads((reports_dir / METRICS_FILE).read_text())
     validation = json.loads((validated_dir / VALIDATION_FILE).read_text())
     best = metrics.get("registered_head") or metrics["best_head"]
@@ -166,20 +225,30 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
         if found is not None:
             info, decision = found
             log.info("unchanged since version %s of %s: nothing registered", info["version"], name)
+            if run_id:  # the live run of this pipeline logged nothing new: say which version it matches
+                MlflowClient().set_tag(run_id, promotion.UNCHANGED_TAG, info["version"])
+                describe_run(run_id, metrics, info["version"], name, decision.to_dict())
+                info = {**info, "run_id": run_id}
             summary = build_summary(metrics, validation, str((validated_dir / QUARANTINE_FILE).resolve()), info,
-                                    decision.to_dict())
+                                    decision.to_dict(), validated_file, features)
+            attach_report(summary, validated_dir, train_dir, reports_dir, run_id, features)
             if summary_path:
                 write_json(summary_path, summary, default=str)
             return summary
         frame = read_validated(validated_dir / VALIDATED_FILE)
         logged = tracking.log_pipeline(cfg, manifest_path, validated_dir, train_dir, reports_dir, metrics, validation,
-                                       frame, run_name=run_name, fingerprint=fingerprint)
+                                       frame, run_name=run_name, fingerprint=fingerprint, run_id=run_id)
         run_id = logged["run_id"]
         try:
+            from crossmodal.registry.drift_artifact import log_drift_reference
+            from crossmodal.registry.learned_ids import learned_keys
+
+            log_drift_reference(cfg, validated_dir, run_id, features, train_dir, best)  # before registering: each version has one
             version, decision = promotion.register_and_gate(logged["model_uri"], name,
                                                             frame[frame["split"] == "test"], cfg.promotion, uri,
                                                             run_id=run_id, fingerprint=fingerprint,
-                                                            reuse_identical=not force)
+                                                            reuse_identical=not force,
+                                                            learned_ids=learned_keys(frame))
         except BaseException as err:
             if not (remote and tracking.is_unreachable(err)):  # marking the run FAILED needs the server too
                 tracking.finish_run(run_id, "FAILED")
@@ -192,10 +261,12 @@ def publish(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, t
         if remote and tracking.is_unreachable(err):
             raise tracking.unreachable_error(uri, err) from None
         raise
+    describe_registration(name, version, metrics, decision.to_dict(), cfg.encoders, run_id)  # decided: in words
     info = {"tracking_uri": logged["tracking_uri"], "experiment_id": logged["experiment_id"], "run_id": run_id,
             "model_name": name, "version": version, "champion_version": champion, "fingerprint": fingerprint}
     summary = build_summary(metrics, validation, str((validated_dir / QUARANTINE_FILE).resolve()), info,
-                            decision.to_dict())
+                            decision.to_dict(), validated_file, features)
+    attach_report(summary, validated_dir, train_dir, reports_dir, run_id, features)
     if summary_path:
         write_json(summary_path, summary, default=str)
     return summary

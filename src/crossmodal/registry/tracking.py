@@ -36,6 +36,11 @@ from crossmodal.config import Config, MlflowConfig
 from crossmodal.errors import TrackingUnavailable
 
 DEFAULT_STORE_DIR = "mlflow"
+HEAD_TAG = "crossmodal.head"  # on each head's nested run
+# On the parent run: the registered head, the manifest it read, the registered model it logs to.
+BEST_HEAD_TAG, MANIFEST_TAG, MODEL_NAME_TAG = "crossmodal.best_head", "crossmodal.manifest", "crossmodal.model_name"
+# The MLflow UI opens an experiment with this tag in its model-training view (runs, charts), not the GenAI one.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri(cfg: MlflowConfig) -> str:
@@ -95,7 +100,8 @@ def ensure_experiment(cfg: MlflowConfig) -> str:
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
+        return client.create_experiment(cfg.experiment, artifact_location=location,
+                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created by a concurrent run in between
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is None:
@@ -235,15 +241,32 @@ def _log_metrics(client, run_id: str, metrics: dict[str, Any], prefix: str = "")
         client.log_batch(run_id, metrics=batch)
 
 
+def live_head_run(client, experiment_id: str, parent_id: str, head: str) -> str | None:
+    """The nested run ``crossmodal.registry.live`` opened for ``head`` while it trained, if any."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+        f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{HEAD_TAG}` = '{head}'"))
+    return runs[0].info.run_id if runs else None
+
+
 def log_head_run(client, experiment_id: str, parent_id: str, head: str, head_dir: Path, reports: Path,
                   metrics: dict[str, Any]) -> str:
-    """A nested run per head: its settings, per-epoch curve, val/test metrics and plots."""
+    """A nested run per head: its settings, per-epoch curve, val/test metrics and plots.
+
+    A head whose epochs were logged live (``crossmodal.registry.live``) keeps that run: only the epochs it did not
+    log (none, unless the watcher missed a beat) are added.
+    """
     from mlflow.entities import Metric, Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-    run = client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: head,
-                                                 "crossmodal.head": head})
-    rid = run.info.run_id
+    rid = live_head_run(client, experiment_id, parent_id, head)
+    logged_steps: set[int] = set()
+    if rid is None:
+        rid = client.create_run(experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: head,
+                                                     HEAD_TAG: head}).info.run_id
+    else:
+        logged_steps = {m.step for m in client.get_metric_history(rid, "epoch_val_macro_f1")}
     info = json.loads((head_dir / HEAD_FILE).read_text())
     params = {"head": head, "best_epoch": info.get("best_epoch"), "epochs_run": info.get("epochs_run"),
               "family": info.get("family", "frozen")}
@@ -253,9 +276,10 @@ def log_head_run(client, experiment_id: str, parent_id: str, head: str, head_dir
     now = int(time.time() * 1000)
     curve = [
         Metric(f"epoch_{k}", float(v), now, step)
-        for step, row in enumerate(info.get("history") or [])
+        for step, row in ((int(row.get("epoch", i + 1)), row) for i, row in enumerate(info.get("history") or []))
+        if step not in logged_steps
         for k, v in row.items()
-        if k != "epoch" and isinstance(v, int | float) and v == v
+        if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool) and v == v
     ]
     for i in range(0, len(curve), 900):  # MLflow caps a batch at 1000 metrics
         client.log_batch(rid, metrics=curve[i : i + 900])
@@ -274,9 +298,34 @@ def log_head_run(client, experiment_id: str, parent_id: str, head: str, head_dir
     return rid
 
 
+def pipeline_tags(cfg: Config, manifest_path: str | Path) -> dict[str, str]:
+    """A pipeline run's tags at its start: MLflow's context (user, source name and type), git, the manifest."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = resolve_tags({MANIFEST_TAG: redact_uri(str(Path(manifest_path).resolve())),
+                         MODEL_NAME_TAG: cfg.mlflow.model_name})
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    md5 = dvc_hash(manifest_path)
+    if md5:
+        tags["crossmodal.data_dvc_md5"] = md5
+    return tags
+
+
+def start_params(client, run_id: str, cfg: Config) -> None:
+    """Every setting as a param of ``run_id`` (MLflow caps a batch at 100 params and a value at 6000 chars)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in config_params(cfg).items()]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i : i + 90])
+
+
 def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Path, train_dir: str | Path,
                  reports_dir: str | Path, metrics: dict[str, Any], validation: dict[str, Any], frame,
-                 run_name: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+                 run_name: str | None = None, fingerprint: str | None = None,
+                 run_id: str | None = None) -> dict[str, Any]:
     """Record a finished pipeline run in MLflow and log the registered head (``registered_head``) as a pyfunc model.
 
     ``metrics`` (reports_dir/metrics.json), ``validation`` (validated_dir/validation.json) and ``frame``
@@ -285,7 +334,9 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     ``crossmodal.fingerprint``.
 
     Returns ``{"tracking_uri", "experiment_id", "run_id", "model_uri", "best_head", "head_runs"}``; the parent
-    run stays open (status RUNNING) until :func:`finish_run`, so the registry step can tag it.
+    run stays open (status RUNNING) until :func:`finish_run`, so the registry step can tag it. With ``run_id``
+    (a run opened when the pipeline started, ``crossmodal.registry.live``) everything goes into that run;
+    otherwise (``crossmodal register`` after ``dvc repro``) a new parent run is created.
     """
     from mlflow.tracking import MlflowClient
 
@@ -298,25 +349,20 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
     client = MlflowClient()
     best = metrics.get("registered_head") or metrics["best_head"]  # never a traditional baseline
 
-    tags = {"crossmodal.best_head": best, "crossmodal.data_hash": str(validation.get("data_hash")),
-            "crossmodal.manifest": redact_uri(str(Path(manifest_path).resolve()))}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags = {BEST_HEAD_TAG: best, "crossmodal.data_hash": str(validation.get("data_hash"))}
     if fingerprint:
         tags["crossmodal.fingerprint"] = fingerprint
-    md5 = dvc_hash(manifest_path)
-    if md5:
-        tags["crossmodal.data_dvc_md5"] = md5
-    parent = client.create_run(experiment_id, run_name=run_name or f"pipeline-{best}", tags=tags)
-    run_id = parent.info.run_id
+    opened_here = run_id is None
+    if opened_here:
+        parent = client.create_run(experiment_id, run_name=run_name or f"pipeline-{best}",
+                                   tags={**pipeline_tags(cfg, manifest_path), **tags})
+        run_id = parent.info.run_id
+    else:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
     try:
-        from mlflow.entities import Param
-
-        params = config_params(cfg)
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-            client.log_batch(run_id, params=items[i : i + 90])
+        if opened_here:
+            start_params(client, run_id, cfg)
         counts = {k: validation.get(k) for k in ("rows_in", "rows_kept", "rows_quarantined")}
         _log_metrics(client, run_id, counts)
         best_metrics = metrics["heads"][best]

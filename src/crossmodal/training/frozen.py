@@ -32,6 +32,7 @@ from crossmodal.heads.inference import predict_gates, predict_proba, without
 from crossmodal.heads.stacking import UNIMODAL
 from crossmodal.training.dataset import SplitFeatures, load_split_features
 from crossmodal.training.loop import EPOCH_ROWS, TRAIN_THREADS, BatchStream, best_epoch, torch_threads, train_head
+from crossmodal.training.progress import epoch_writer
 from crossmodal.training.stacking import fold_assignment, folds_to_predict, train_stacking
 
 
@@ -100,7 +101,9 @@ def run_task(task: tuple, data: SplitFeatures, context: dict) -> dict:
     if kind == "fold":
         proba = fold_probabilities(data, cfg, len(labels), task[2], name)
         return {"proba": proba, "seconds": time.perf_counter() - start}
-    head, history = train_head(name, data, cfg, len(labels))
+    # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
+    on_epoch = epoch_writer(context.get("progress_dir"), name) if kind == "head" else None
+    head, history = train_head(name, data, cfg, len(labels), on_epoch)
     seconds = time.perf_counter() - start
     out: dict = {"seconds": seconds}
     if kind == "head":
@@ -179,8 +182,10 @@ def load_worker_data(validated_path, image_path, text_path, labels: list[str], r
 
 
 def train_frozen_heads(heads: list[str], data: SplitFeatures, labels: list[str], cfg, out_dir,
-                       sources: tuple) -> tuple[dict[str, dict], int]:
+                       sources: tuple, progress_dir: str | None = None) -> tuple[dict[str, dict], int]:
     """Train and save every head in ``heads`` (frozen-feature heads); returns ({head: summary}, processes used).
+
+    With ``progress_dir`` each head appends its epochs there as it trains (``crossmodal.training.progress``).
 
     ``sources`` = (validated.parquet, image.npy, text.npy) that ``data`` was read from: worker processes read
     them again (see crossmodal.training.pool).
@@ -198,7 +203,7 @@ def train_frozen_heads(heads: list[str], data: SplitFeatures, labels: list[str],
         work = sum(cost(task) for task in tasks) * min(cfg.max_epochs, cfg.patience + 1)
         data_bytes = sum(a.nbytes for part in (data.image, data.text) for a in part.values())
         workers = plan_workers(cfg.workers, work, len(tasks), data_bytes)
-    context = {"cfg": cfg, "labels": labels, "out_dir": str(out_dir),
+    context = {"cfg": cfg, "labels": labels, "out_dir": str(out_dir), "progress_dir": progress_dir,
                "keep_weights": set(UNIMODAL) if "stacking" in heads else set()}
     load = (load_worker_data, (*(str(p) for p in sources), labels, rows))
     results = run_tasks(tasks, run_task, data, context, workers, load=load, cost=cost)

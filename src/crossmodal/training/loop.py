@@ -14,6 +14,7 @@ bit on the same machine.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -139,18 +140,21 @@ def torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
-def train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int):
+def train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int,
+               on_epoch: Callable[[dict], None] | None = None):
     """Train head ``name``; returns ``(head, history)`` with the best epoch's weights loaded, in eval mode.
 
     ``history`` has one dict per epoch run: epoch (1-based), train_loss, val_loss, val_macro_f1 (and, with
     auxiliary losses or OGM-GE on, score_image, score_text, ratio_image_text, coeff_*, aux_loss).
     The best epoch is the one with the highest val_macro_f1 (ties: lower val_loss); see :func:`best_epoch`.
+    ``on_epoch`` gets each epoch's record as soon as it is known (``crossmodal.training.progress.epoch_writer``).
     """
     with torch_threads(TRAIN_THREADS):
-        return _train_head(name, data, cfg, num_classes)
+        return _train_head(name, data, cfg, num_classes, on_epoch)
 
 
-def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int):
+def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int,
+                on_epoch: Callable[[dict], None] | None = None):
     import torch
 
     from crossmodal.heads.registry import build_head, fit_standardizers
@@ -212,6 +216,8 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
             {"epoch": epoch, "train_loss": total / n, "val_loss": val_loss, "val_macro_f1": val_f1,
              **(balancer.epoch_summary() if balancer is not None else {})}
         )
+        if on_epoch is not None:
+            on_epoch(history[-1])
         if not np.isfinite(total):
             raise TrainError(
                 f"head {name!r}: training loss became {total} at epoch {epoch}; lower train.lr (now {cfg.lr})"

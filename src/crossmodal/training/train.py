@@ -23,6 +23,7 @@ from crossmodal.artifacts import HEAD_FILE, LABELS_FILE
 from crossmodal.config import EncodersConfig, TrainConfig
 from crossmodal.data.split import SPLITS
 from crossmodal.training.dataset import load_split_features
+from crossmodal.training.progress import epoch_writer
 
 
 @dataclass
@@ -45,12 +46,13 @@ class TrainResult:
 
 
 def train_all(validated_path, image_features_path, text_features_path, cfg: TrainConfig, out_dir,
-              encoders: EncodersConfig | None = None, cache_dir=None) -> TrainResult:
+              encoders: EncodersConfig | None = None, cache_dir=None, progress_dir=None) -> TrainResult:
     """Train every head in ``cfg.heads`` and write their weights, metadata and predictions under ``out_dir``.
 
     The fine-tuned head (``finetune_xattn``, when ``cfg.finetune.enabled``) trains last, from the raw images and
     texts of ``validated_path`` with the encoders named in ``encoders`` (defaults when None); its checkpoints go
-    under ``cache_dir`` (see ``crossmodal.training.finetune``).
+    under ``cache_dir`` (see ``crossmodal.training.finetune``). With ``progress_dir`` every head appends its
+    epochs there while it trains (``crossmodal.training.progress``), for whoever shows or logs them live.
     """
     import shutil
 
@@ -74,7 +76,8 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
     frozen = [h for h in heads if h not in TRADITIONAL_HEADS and h not in FINETUNED_HEADS]
     if frozen:  # on every core at once where it pays (train.workers): see crossmodal.training.frozen
         summaries, result.workers = train_frozen_heads(
-            frozen, data, labels, cfg, out_dir, (validated_path, image_features_path, text_features_path))
+            frozen, data, labels, cfg, out_dir, (validated_path, image_features_path, text_features_path),
+            None if progress_dir is None else str(progress_dir))
         for name, summary in summaries.items():
             result.head_dirs[name] = summary["dir"]
             result.val_macro_f1[name] = summary["val_macro_f1"]
@@ -84,7 +87,9 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
         if name in FINETUNED_HEADS:
             from crossmodal.training.finetune import finetune_head
 
-            info = finetune_head(validated_path, cfg, encoders or EncodersConfig(), out_dir, cache_dir=cache_dir)
+            write = epoch_writer(progress_dir, name)
+            info = finetune_head(validated_path, cfg, encoders or EncodersConfig(), out_dir, cache_dir=cache_dir,
+                                 on_epoch_end=None if write is None else lambda epoch, row, model, w=write: w(row))
             result.head_dirs[name] = str(out_dir / name)
             result.val_macro_f1[name] = info["val_metrics"]["macro_f1"]
             result.best_epoch[name], result.epochs_run[name] = info["best_epoch"], info["epochs_run"]
