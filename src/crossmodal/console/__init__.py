@@ -1,0 +1,7 @@
+"""What the terminal shows for ``crossmodal run``, ``demo`` and ``predict``: the live progress of a run
+(``display``), the result tables and closing lines (``report``), one line per warning with the libraries' chatter
+held back (``chatter``), and the choice between Rich and plain text (``terminal``).
+
+    from crossmodal.console.terminal import Terminal
+    term = Terminal(plain=False, verbose=False)       # Rich on a terminal, plain text when piped or --plain
+"""
