@@ -218,7 +218,7 @@ def test_predict_errors_are_one_line(champion, tiny_run, tmp_path, monkeypatch):
     result = _cli_predict(champion, manifest, out, "--image-column", "photo")
     assert result.exit_code == 2 and "photo" in result.output and "Traceback" not in result.output
     result = _cli_predict(champion, tmp_path / "nothing.csv", out)
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 2 and "not found (--manifest)" in result.output  # checked before any model loads
     assert not out.exists()
 
     empty = _mapped(champion)

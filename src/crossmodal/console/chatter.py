@@ -115,7 +115,13 @@ def quiet_libraries(say: Callable[[str, str], None], libraries: Sequence[str] = 
     touched: list[tuple[logging.Handler, logging.Filter]] = []
     swapped: list = []
     showwarning = warnings.showwarning
-    logging.captureWarnings(True)  # warnings.warn(...) too becomes one line (py.warnings reaches the root logger)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        say(f"{category.__name__}: {message}", "warning")
+
+    # warnings.warn(...) too becomes one line. Set here rather than by logging.captureWarnings, whose module state
+    # goes stale when something else (pytest, a library) restores warnings.showwarning behind its back.
+    warnings.showwarning = one_line_warning
     try:
         for name in libraries:
             importlib.import_module(name)
@@ -141,5 +147,4 @@ def quiet_libraries(say: Callable[[str, str], None], libraries: Sequence[str] = 
         for h, f in touched:
             h.removeFilter(f)
         root.removeHandler(handler)
-        if warnings.showwarning is not showwarning:  # it was not capturing before the block
-            logging.captureWarnings(False)
+        warnings.showwarning = showwarning
