@@ -242,7 +242,7 @@ def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None,
               plain: bool = False, verbose: bool = False, options: dict[str, str] | None = None) -> dict:
     """Check the inputs, run the Prefect flow with its progress on screen, then the tables and closing lines.
 
-    ``options``: the command's option for each input (``crossmodal.preflight``), named in an error."""
+    ``options``: the command's option for each input (``crossmodal.console.preflight``), named in an error."""
     import shutil
     import time
 
@@ -250,9 +250,9 @@ def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None,
     from crossmodal.config import load_config
     from crossmodal.console.chatter import quiet_libraries
     from crossmodal.console.display import RunDisplay, head_plan
+    from crossmodal.console.preflight import RUN_OPTIONS, check_inputs
     from crossmodal.console.report import show_run
     from crossmodal.console.terminal import Terminal
-    from crossmodal.preflight import RUN_OPTIONS, check_inputs
 
     cfg = _guard(load_config, params, cfg_overrides)
     _guard(check_inputs, cfg, options=RUN_OPTIONS if options is None else options)  # before any server starts
@@ -362,9 +362,9 @@ def predict(manifest: Annotated[Path, typer.Option(help="Manifest of the rows to
     from contextlib import nullcontext
 
     from crossmodal.console.chatter import quiet_libraries
+    from crossmodal.console.preflight import RUN_OPTIONS, check_inputs
     from crossmodal.console.report import show_prediction
     from crossmodal.console.terminal import Terminal
-    from crossmodal.preflight import RUN_OPTIONS, check_inputs
 
     cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
     cfg, _ = _config(params, manifest, data_root, cols, _missing_overrides(allow_missing), sets=set_)

@@ -1,7 +1,7 @@
 """Checks of a command's inputs made before any server starts or heavy library loads: the manifest is there and
 readable, the columns the settings map are in it, the data root is a folder.
 
-    from crossmodal.preflight import RUN_OPTIONS, check_inputs
+    from crossmodal.console.preflight import RUN_OPTIONS, check_inputs
     check_inputs(cfg, options=RUN_OPTIONS)      # raises DataError: manifest /x.csv not found (--manifest or data.manifest)
 
 A failure is one :class:`~crossmodal.errors.DataError` line that names the value, the command-line option that set
