@@ -42,7 +42,6 @@ Without a drift reference (a version logged before they existed) the three drift
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -60,7 +59,7 @@ import pandas as pd
 
 from crossmodal.artifacts import MODEL_FILE, PREDICT_SUMMARY_FILE, REFUSED_FILE
 from crossmodal.config import Columns, Config, ValidationConfig
-from crossmodal.data.manifest import read_manifest, sniff_delimiter
+from crossmodal.data.manifest import manifest_columns, read_manifest
 from crossmodal.data.text import clean_text
 from crossmodal.errors import DataError, ModelUnavailable, PredictionInputError, TrackingUnavailable
 from crossmodal.evaluation.drift import heldout_mmd_test, label_shift_test, label_test, mmd_test
@@ -233,35 +232,16 @@ def row_reasons(chunk: pd.DataFrame, root: Path, vcfg: ValidationConfig,
 
 
 # ----------------------------------------------------------------------------- the manifest
-def _manifest_columns(path: Path) -> list[str] | None:
-    """The manifest's column names, read cheaply (a CSV's header, a Parquet schema, a JSONL file's keys)."""
-    try:
-        suffix = path.suffix.lower()
-        if suffix == ".csv":
-            with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-                return next(csv.reader(fh, delimiter=sniff_delimiter(path)), [])
-        if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-        keys: dict[str, None] = {}
-        with open(path, "rb") as fh:
-            for raw in fh:
-                if raw.strip():
-                    obj = json.loads(raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff"))
-                    keys.update(dict.fromkeys(obj) if isinstance(obj, dict) else {})
-        return list(keys)
-    except Exception:  # read_manifest's own error says what is wrong with the file
-        return None
-
-
 def read_rows(manifest: Path, columns: Columns) -> tuple[pd.DataFrame, bool]:
     """The canonical frame (``read_manifest``) and whether the manifest has a label column (optional here)."""
     try:
         return read_manifest(manifest, columns), True
-    except DataError:
-        available = _manifest_columns(manifest)
-        if available is None or columns.label in available:
+    except DataError as err:
+        try:
+            available = manifest_columns(manifest)
+        except DataError:  # the file itself is the problem: read_manifest's error says what it is
+            raise err from None
+        if columns.label in available:
             raise
         missing = [f"{role} (column {getattr(columns, role)!r})" for role in ("image", "text")
                    if getattr(columns, role) not in available]
