@@ -29,6 +29,20 @@ Counts, per kind, of distinct present items (identical images or texts count onc
 row, is never encoded and is not counted): ``encoded`` were computed by this call, ``reused`` were found in the
 shelf, and ``encoded + reused`` is the number of distinct present items. When the assembled array is served whole
 from the cache, every item is ``reused`` and ``computed`` is False.
+
+Shards: processes on a cluster (several machines sharing the cache folder) fill one store at the same time.
+``plan_shards`` cuts each kind's distinct items, in the order ``extract_features`` encodes them, into ranges that
+hold something the shelf lacks; ``encode_shard`` encodes one range's missing items into the shelf (in chunks, so a
+killed shard resumes; two shards, or one run twice at once, may write the same shelf); ``extract_features`` then
+finds every item and only assembles. Features match one unsharded call to float rounding: a text's features depend
+slightly on the texts that share its batch (sorted by length within a chunk, padded to the longest). With
+``shard_items`` a multiple of ``chunk_rows`` (and of the batch sizes) the shards of a fresh store encode the chunks,
+hence the batches, of one call: the same bits. Each machine resolves ``precision: auto`` (part of the shelf's key)
+for its own device: planning, shards and assembly meet in one shelf across CPUs and GPUs only with a set precision::
+
+    shards = plan_shards(validated, cfg, cache, shard_items=2048)   # [{"kind": "image", "start": 0, ...}, ...]
+    done = [encode_shard(validated, cfg, cache, s["kind"], s["start"], s["stop"]) for s in shards]  # anywhere
+    res = extract_features(validated, cfg, cache)                    # encodes nothing, assembles
 """
 
 from __future__ import annotations
@@ -37,8 +51,10 @@ import errno
 import hashlib
 import json
 import logging
+import numbers
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,7 +67,7 @@ from crossmodal.artifacts import FEATURES_FILE, IMAGE_FEATURES_FILE, TEXT_FEATUR
 from crossmodal.config import EncodersConfig
 from crossmodal.data.validated import read_validated
 from crossmodal.encoders.registry import canonical_name
-from crossmodal.errors import FeatureError
+from crossmodal.errors import ConfigError, FeatureError
 from crossmodal.features.extractor import FeatureExtractor
 from crossmodal.features.shelf import (
     ChunkGone,
@@ -306,6 +322,127 @@ def extract_features(
             "image_size": cfg.image.image_size, "max_length": cfg.text.max_length,
         })
     return result
+
+
+# --------------------------------------------------------------------------- shards
+# This process's extractor for one EncodersConfig (by its JSON), so that a worker running many shards loads the
+# encoders once; one entry only, so that a worker asked for other settings drops the old encoders, not holds both.
+_SHARED: dict[str, FeatureExtractor] = {}
+_SHARED_LOCK = threading.Lock()  # a Dask worker runs its tasks in threads
+
+
+def shared_extractor(cfg: EncodersConfig) -> FeatureExtractor:
+    """This process's ``FeatureExtractor`` for ``cfg``: the same one on every call with equal settings (its encoders
+    load on first use and stay loaded); a call with other settings replaces it."""
+    key = cfg.model_dump_json()
+    with _SHARED_LOCK:
+        fx = _SHARED.get(key)
+        if fx is None:
+            _SHARED.clear()
+            fx = _SHARED[key] = FeatureExtractor(cfg)
+        return fx
+
+
+def _precision(cfg: EncodersConfig) -> str:
+    """The precision the shelves are keyed by, as ``extract_features`` resolves it on this machine."""
+    return precision_name(resolve_precision(cfg.precision, resolve_device(cfg.device)))
+
+
+def plan_shards(validated_path: str | Path, cfg: EncodersConfig, cache_dir: str | Path,
+                shard_items: int) -> list[dict]:
+    """The shards that would fill the store for ``extract_features``: per kind, ranges of ``shard_items`` distinct
+    items that hold at least one item the shelf lacks (none for a kind whose assembled array is cached).
+
+    Each shard is ``{"kind", "start", "stop", "items", "missing"}``: distinct items ``start``..``stop - 1`` in
+    order of first appearance in the table (``encode_shard``'s indices), how many, and how many the shelf lacks
+    now. Reads the table and the shelves' index only; loads no encoder.
+    """
+    if isinstance(shard_items, bool) or not isinstance(shard_items, numbers.Integral) or shard_items < 1:
+        raise ConfigError(f"shard_items must be a whole number of at least 1, got {shard_items!r}")
+    df = _read_validated(validated_path)
+    precision = _precision(cfg)
+    keys, shelves = feature_keys(df, cfg, precision), shelf_dirs(cache_dir, cfg, precision)
+    shards = []
+    for kind in KINDS:
+        if _is_cached(_cache_file(cache_dir, kind, keys[kind]), len(df)):
+            continue
+        items = _Items.of(df, kind)
+        shelf = Shelf.open(shelves[kind])
+        lacking = shelf.find(items.keys)[0] < 0
+        for start in range(0, len(items.keys), int(shard_items)):
+            stop = min(start + int(shard_items), len(items.keys))
+            missing = int(lacking[start:stop].sum())
+            if missing:
+                shards.append({"kind": kind, "start": start, "stop": stop, "items": stop - start, "missing": missing})
+    return shards
+
+
+def encode_shard(
+    validated_path: str | Path,
+    cfg: EncodersConfig,
+    cache_dir: str | Path,
+    kind: str,
+    start: int,
+    stop: int,
+    *,
+    progress: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    extractor: FeatureExtractor | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> dict:
+    """Encode the distinct ``kind`` items ``start``..``stop - 1`` (a ``plan_shards`` range) that the shelf lacks now.
+
+    Adds them to the shelf in chunks of ``chunk_rows`` as ``extract_features`` does: a killed shard loses at most
+    one chunk, and running it again resumes (it then encodes nothing if it had finished). Safe while other
+    processes encode other ranges, or this one, into the same shelf. Returns ``{"kind", "start", "stop", "encoded",
+    "seconds"}``, ``encoded`` the items this call encoded. The encoders are this process's ``shared_extractor(cfg)``
+    unless ``extractor`` (built with this ``cfg``) is given, and load only if something must be encoded.
+    ``on_progress(kind, done, total)`` hears how many of the shard's ``total`` items are ready, once at the start and
+    after each encoded batch.
+    """
+    t0 = time.perf_counter()
+    if kind not in KINDS:
+        raise ValueError(f"encode_shard: kind must be one of {KINDS}, got {kind!r}")
+    if not 0 <= start < stop:
+        raise ValueError(f"encode_shard: [{start}, {stop}) is not a range of distinct items")
+    if extractor is not None and extractor.cfg != cfg:
+        raise ValueError("encode_shard: the extractor was built with another EncodersConfig than cfg")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    df = _read_validated(validated_path)
+    cache_dir = Path(cache_dir)
+    precision = _precision(cfg)
+    every = _Items.of(df, kind)
+    if stop > len(every.keys):
+        raise FeatureError(f"{validated_path}: the {kind} shard [{start}, {stop}) lies beyond the table's "
+                           f"{len(every.keys)} distinct {kind}s; the table changed since the shards were planned, "
+                           "plan them again")
+    # No row codes: a shard is encoded, never assembled.
+    items = _Items(np.zeros(0, dtype=np.int64), every.keys[start:stop], every.rows[start:stop])
+    counts = {"encoded": 0}
+    shelf = Shelf.open(shelf_dirs(cache_dir, cfg, precision)[kind])
+    try:
+        chunk, row = shelf.find(items.keys)
+        todo = np.flatnonzero(chunk < 0)
+        report = None
+        if on_progress is not None:
+            stored, total = len(items.keys) - len(todo), len(items.keys)
+            on_progress(kind, stored, total)
+
+            def report(done: int, stored: int = stored, total: int = total) -> None:
+                on_progress(kind, stored + done, total)
+        if len(todo):
+            _encode(extractor if extractor is not None else shared_extractor(cfg), kind, df, shelf, items, todo,
+                    chunk, row, chunk_rows, counts, progress, validated_path, report)
+            shelf.describe({**_headers(cfg, precision)[kind], "encoder_name": getattr(cfg, kind).name})
+    except OSError as err:
+        raise _disk_error(err, cache_dir, f"{kind} features") from None
+    finally:
+        shelf.close()
+    seconds = round(time.perf_counter() - t0, 3)
+    log.info("%s shard [%d, %d): %d distinct items encoded, %d from the store, in %.1f s", kind, start, stop,
+             counts["encoded"], stop - start - counts["encoded"], seconds)
+    return {"kind": kind, "start": start, "stop": stop, "encoded": counts["encoded"], "seconds": seconds}
 
 
 def _distinct_count(final: Path, df, kind: str) -> int:
