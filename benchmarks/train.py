@@ -9,10 +9,9 @@ The baseline measured in the same run is the time to read the features and label
 training is "not the slow part" when it costs a small multiple of reading its input. ``--quick`` trains on fewer
 rows; the 60 s target is for 50,000.
 
-The heads train on ``train.workers`` processes at once (auto: one per core here; ``--workers 1`` for one
-process, e.g. to compare in the same conditions). Per head, the table shows the seconds its training took in
-whichever process ran it (stacking: its fold models and meta-classifier); "CPU" adds up the time of every
-process, so on a busy machine CPU / wall shows how many cores the run actually got.
+The heads train one after another in this process (``train_all``'s default); ``benchmarks.scale`` runs the same
+tasks on 1 and 2 Dask workers. Per head, the table shows the seconds its training took (stacking: its fold models
+and meta-classifier).
 
 The last line is one JSON object: rows, heads, seconds, rows_per_s, epochs (per head), load_seconds,
 seconds_over_load.
@@ -26,7 +25,6 @@ if __package__ in (None, ""):  # run as `python benchmarks/train.py`: import lik
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +67,6 @@ def make_features(root: Path, rows: int, seed: int = 0) -> tuple[Path, Path, Pat
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, quick="CI-friendly size (10,000 rows)")
     ap.add_argument("--rows", type=int, help=f"rows of cached features (default {TARGET_ROWS:,}, quick 10,000)")
-    ap.add_argument("--workers", help="train.workers: processes training at once (default auto)")
     ap.add_argument("--heads", help="comma-separated heads (default: every default head that trains on cached "
                                     "features; the fine-tuned and traditional heads read raw images and texts)")
     args = ap.parse_args(argv)
@@ -82,19 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     from crossmodal.heads.registry import HEADS
 
     heads = args.heads.split(",") if args.heads else [h for h in TrainConfig().heads if h in HEADS]
-    workers = "auto" if args.workers in (None, "auto") else int(args.workers)
-    cfg = TrainConfig(heads=heads, finetune={"enabled": False}, workers=workers)
+    cfg = TrainConfig(heads=heads, finetune={"enabled": False})
     say(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="crossmodal-bench-") as tmp:
         validated, image, text = make_features(Path(tmp) / "features", rows)
         t0 = time.perf_counter()
         load_split_features(validated, image, text)
         load_s = time.perf_counter() - t0
-        cpu0, t0 = os.times(), time.perf_counter()
+        t0 = time.perf_counter()
         result = train_all(validated, image, text, cfg, Path(tmp) / "models")
-        seconds, cpu1 = time.perf_counter() - t0, os.times()
-    # This process and the finished worker processes (its children), user + system time.
-    cpu = sum(getattr(cpu1, k) - getattr(cpu0, k) for k in ("user", "system", "children_user", "children_system"))
+        seconds = time.perf_counter() - t0
 
     import torch
 
@@ -110,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"  reading features and labels (baseline)  {load_s:8.2f} s   1.00 x")
     say(f"  training all heads (train_all)          {seconds:8.2f} s   {seconds / load_s:.1f} x   "
         f"({rows / seconds:,.0f} rows/s)")
-    say(f"  on {result.workers} process(es) at once: CPU {cpu:.1f} s, {cpu / seconds:.2f} x the wall time; the heads' "
-        f"own seconds add up to {sum(result.seconds[h] for h in cfg.heads):.1f} s")
+    say(f"  the heads' own seconds add up to {sum(result.seconds[h] for h in cfg.heads):.1f} s")
     say("targets:")
     if rows >= TARGET_ROWS:
         check(f"all heads on {rows:,} cached rows", seconds, "<=", TARGET_SECONDS, " s")

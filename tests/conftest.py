@@ -62,6 +62,9 @@ def _tiny_config(root: Path, **sections) -> Config:
         "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_root": str(root / "artifacts")},
         "paths": {"work": str(root / "work"), "cache": str(root / "cache"), "reports": str(root / "reports"),
                   "summary": str(root / "reports" / "summary.json")},
+        # In this process: a local Dask cluster's start costs more than these few rows (tests/flows/test_dask.py
+        # runs the flow on Dask).
+        "orchestration": {"task_runner": "threads"},
     }
     return from_dict(_merge(data, sections))
 

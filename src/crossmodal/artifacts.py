@@ -47,6 +47,7 @@ FEATURES_FILE = "features.json"
 
 LABELS_FILE = "labels.json"
 HEAD_FILE = "head.json"
+TASK_PARTS_DIR = ".parts"  # under the models folder while training: stacking's folds and base heads, then removed
 WEIGHTS_FILE = "weights.safetensors"
 PREDICTIONS_FILE = "predictions.npz"
 

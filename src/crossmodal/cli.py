@@ -183,20 +183,30 @@ def extract(validated: Annotated[Path, typer.Option(help="Folder written by `val
                    f"{res.reused[kind]} from the store)")
 
 
+DaskAddressOpt = Annotated[str | None, typer.Option(
+    help="Run every task on the Dask cluster whose scheduler is at tcp://HOST:PORT (else $CROSSMODAL_DASK_ADDRESS, "
+         "else orchestration.dask_address); the run's folders must be on storage every worker shares.")]
+
+
 @app.command()
 def train(validated: Annotated[Path, typer.Option(help="Folder written by `validate`.")] = Path("work/validated"),
           features: Annotated[Path, typer.Option(help="Folder written by `extract`.")] = Path("work/features"),
           out: Annotated[Path, typer.Option(help="Output folder.")] = Path("work/models"),
           params: ParamsOpt = Path("params.yaml"), modality_dropout: ModalityDropoutOpt = None,
-          finetune: FinetuneOpt = None, set_: SetOpt = None) -> None:
-    """Train every head named in params (train.heads) on the cached features, then the fine-tuned head."""
-    from crossmodal.training.train import train_all
+          finetune: FinetuneOpt = None, dask_address: DaskAddressOpt = None, set_: SetOpt = None) -> None:
+    """Train every head named in params (train.heads) on the cached features, each head a task of a Prefect flow
+    on the task runner that orchestration chooses (as in `crossmodal run`)."""
+    _, overrides = _config(params, extra={**_missing_overrides(modality_dropout=modality_dropout),
+                                          **_finetune_override(finetune)}, sets=set_)
 
-    cfg, _ = _config(params, extra={**_missing_overrides(modality_dropout=modality_dropout),
-                                    **_finetune_override(finetune)}, sets=set_)
-    result = _guard(train_all, validated / VALIDATED_FILE, features / IMAGE_FEATURES_FILE, features / TEXT_FEATURES_FILE,
-                    cfg.train, out, cfg.encoders, cfg.paths.cache)
-    typer.echo(f"trained {', '.join(result.heads)} into {out}")
+    def flow() -> dict:
+        from flows.training import run_train
+
+        return run_train(str(validated / VALIDATED_FILE), str(features / IMAGE_FEATURES_FILE),
+                         str(features / TEXT_FEATURES_FILE), str(out), str(params), overrides, dask_address)
+
+    result = _guard(flow)
+    typer.echo(f"trained {', '.join(result['heads'])} into {out}")
 
 
 @app.command()
@@ -239,7 +249,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Also show what the 
 
 
 def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None, force: bool = False,
-              plain: bool = False, verbose: bool = False, options: dict[str, str] | None = None) -> dict:
+              plain: bool = False, verbose: bool = False, options: dict[str, str] | None = None,
+              dask_address: str | None = None) -> dict:
     """Check the inputs, run the Prefect flow with its progress on screen, then the tables and closing lines.
 
     ``options``: the command's option for each input (``crossmodal.console.preflight``), named in an error."""
@@ -266,7 +277,8 @@ def _run_flow(cfg_overrides: dict[str, Any], params: Path, summary: Path | None,
 
             with RunDisplay(progress_dir, term, head_plan(cfg)):
                 return run_training(str(params), cfg_overrides, str(summary) if summary else None, force,
-                                    progress_dir=str(progress_dir), progress_bars=verbose)
+                                    progress_dir=str(progress_dir), progress_bars=verbose,
+                                    dask_address=dask_address)
 
     try:
         result = _guard(flow)  # a user error inside the flow: printed once, after the display has stopped
@@ -300,7 +312,7 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         epochs: Annotated[int | None, typer.Option(help="Most epochs per head (train.max_epochs).")] = None,
         allow_missing: AllowMissingOpt = None, modality_dropout: ModalityDropoutOpt = None,
         finetune: FinetuneOpt = None, force: ForceOpt = False, plain: PlainOpt = False, verbose: VerboseOpt = False,
-        set_: SetOpt = None) -> None:
+        dask_address: DaskAddressOpt = None, set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow: validate, extract, train all heads, evaluate, register, gate.
 
     Stages whose inputs, settings and code are unchanged are skipped (served from paths.cache), and an unchanged
@@ -321,7 +333,7 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
     if experiment:
         extra["mlflow.experiment"] = experiment
     _, overrides = _config(params, manifest, data_root, cols, extra, sets=set_)  # checked before Prefect starts
-    _run_flow(overrides, params, summary, force, plain, verbose)
+    _run_flow(overrides, params, summary, force, plain, verbose, dask_address=dask_address)
 
 
 @app.command()

@@ -184,6 +184,9 @@ class FinetuneConfig(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     resume: bool = True  # continue from a checkpoint of the same data and settings (a finished one is reused)
     checkpoint_dir: str | None = None  # default: <paths.cache>/finetune (without a cache: <out>/.finetune_checkpoints)
+    # N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA with one process per GPU), each taking
+    # 1/N of every batch; the effective batch stays batch_size * grad_accum, so the learning rates stay as they are.
+    processes: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> FinetuneConfig:
@@ -214,10 +217,6 @@ class TrainConfig(_Section):
     # Per training row and modality, the chance that it is hidden (set to missing) for that step, so heads
     # learn to predict from one modality; never both modalities of one row. 0 turns it off.
     modality_dropout: float = Field(0.0, ge=0, lt=1)
-    # Processes that train the frozen-feature heads at once (this one included), one torch thread each; the
-    # results are the same whatever the number. auto: one per CPU core (memory permitting) when the heads should
-    # take longer than starting a worker does, else 1. See crossmodal.training.pool.
-    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("heads")
@@ -295,6 +294,34 @@ class PathsConfig(_Section):
     summary: str = "reports/summary.json"
 
 
+class OrchestrationConfig(_Section):
+    """Where the flow's tasks run (``flows.execution``): every stage, extraction shard and head is a Prefect task.
+
+    ``auto``: on the Dask cluster at ``dask_address`` when one is given (here, ``crossmodal run --dask-address`` or
+    ``$CROSSMODAL_DASK_ADDRESS``), else a Dask ``LocalCluster`` of one single-threaded worker process per core
+    (``workers``) where there is more than one core, else threads. ``threads``: Prefect's thread pool in this
+    process; ``processes``: Prefect's process pool; ``dask``: prefect-dask's DaskTaskRunner (a LocalCluster
+    without an address).
+    """
+
+    task_runner: Literal["auto", "threads", "processes", "dask"] = "auto"
+    dask_address: str | None = None  # tcp://HOST:PORT of a running Dask scheduler
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # local pools and LocalCluster; auto: one per core
+    # Distinct images (or texts) per extraction task; a multiple of the store's 512-item chunks keeps the features the
+    # same to the bit as one task's (texts are encoded in batches of similar length within a chunk).
+    shard_items: int = Field(512, ge=1)
+    # Dask only: extraction shards and the fine-tuned head ask for one unit of the worker resource GPU (start GPU
+    # workers with `dask worker ... --resources GPU=1`); a cluster without such workers would never run them.
+    gpu_tasks: bool = False
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheme(cls, address: str | None) -> str | None:
+        if address is not None and "://" not in address:
+            raise ValueError(f"{address!r} is not a scheduler address; write it as tcp://HOST:PORT")
+        return address
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     demo: DemoConfig = DemoConfig()
@@ -306,6 +333,7 @@ class Config(_Section):
     paths: PathsConfig = PathsConfig()
     serving: ServingConfig = ServingConfig()
     drift: DriftConfig = DriftConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> Config:

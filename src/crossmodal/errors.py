@@ -67,6 +67,10 @@ class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking server cannot be reached, after MLflow's own HTTP retries."""
 
 
+class ClusterError(UserError, RuntimeError):
+    """Tasks cannot run where the settings say: no Dask scheduler answers, or a worker cannot see the run's files."""
+
+
 class ReportError(UserError, RuntimeError):
     """The run's report cannot be built or found: a file it needs is gone; the message says which and what to do."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder to fill with ``path``'s new content; it takes ``path``'s place when the block ends without
+    error. A writer killed midway leaves the old folder (or none), never a half-written one: a task that dies on
+    one worker and runs again on another finds no partial output to trip over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    tmp, old = path.parent / f"{stem}.tmp", path.parent / f"{stem}.old"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)  # a folder cannot be renamed onto a non-empty one: move it aside first
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -4,7 +4,7 @@
     device = resolve_device("auto")                    # CUDA, else Apple MPS, else CPU
     dtype = resolve_precision("auto", device)          # bf16 where fast, fp16 on older GPUs, None (fp32) elsewhere
 
-Used by the feature extractor (``crossmodal.features.extractor``), fine-tuning, serving and the training pool.
+Used by the feature extractor (``crossmodal.features.extractor``), fine-tuning and serving.
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ def auto_num_workers(setting: int | str, device: torch.device, n_items: int, bat
     on a CPU half the cores, at least one, because the encoder needs the other half."""
     if setting != "auto":
         return int(setting)
-    if n_items <= 2 * batch_size:
+    import multiprocessing
+
+    # A daemonic process (a Dask worker's) may not start child processes: decode in this one.
+    if n_items <= 2 * batch_size or multiprocessing.current_process().daemon:
         return 0
     cores = usable_cores()
     return max(1, cores if device.type == "cuda" else cores // 2)

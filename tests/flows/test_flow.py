@@ -18,7 +18,7 @@ def _task_states(flow_run_id):
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return {r.name: r.state.name for r in runs}
 
 
 def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch, tiny_config):
@@ -42,7 +42,16 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch, 
     rows = summary["rows"]
     assert rows["in"] == rows["kept"] + rows["quarantined"]
     assert summary["mlflow"]["champion_version"] == "1"
-    assert _task_states(state.state_details.flow_run_id)["extract"] == "Completed"
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["extract"] == "Completed"
+    # One task run per head (the Prefect UI's boxes), named for it, and the summary says where each ran.
+    assert {f"train-{h}" for h in cfg.train.heads} <= set(states), states
+    assert all(states[f"train-{h}"] == "Completed" for h in cfg.train.heads)
+    execution = summary["execution"]
+    assert execution["task_runner"] == "threads" and execution["workers"] == ["local"]
+    ran = {t["name"]: t for t in execution["tasks"]}
+    assert {f"train-{h}" for h in cfg.train.heads} | {"validate", "extract", "evaluate", "publish"} <= set(ran)
+    assert all(t["worker"] == "local" and t["seconds"] >= 0 for t in execution["tasks"])
 
     assert not any(rec["cached"] for rec in first["stages"].values()), first["stages"]
     assert first["unchanged"] is False
@@ -76,8 +85,9 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch, 
     assert [(e["stage"], e["state"]) for e in events] == [
         (s, state) for s in ("validate", "extract", "train", "evaluate", "publish") for state in ("started", "cached")]
     states = _task_states(state2.state_details.flow_run_id)
-    assert set(states) == {"validate", "extract", "train", "evaluate", "publish"}
-    assert set(states.values()) == {"Cached"}, states
+    assert set(states) == {"validate", "plan-extract", "extract", "evaluate", "publish"}  # nothing to train
+    assert {k: v for k, v in states.items() if k != "plan-extract"} == dict.fromkeys(set(states) - {"plan-extract"},
+                                                                                       "Cached"), states
     assert all(rec["cached"] for rec in second["stages"].values()), second["stages"]
     assert second["unchanged"] is True and second["unchanged_since_version"] == "1"
     assert second["mlflow"]["version"] == "1" and second["mlflow"]["champion_version"] == "1"

@@ -205,7 +205,7 @@ def test_forced_training_starts_fine_tuning_from_scratch_under_the_same_key(smal
     seen = []
 
     def fake_train_all(validated_path, image_path, text_path, train_cfg, out_dir, encoders, cache_dir,
-                       progress_dir=None):
+                       progress_dir=None, run_tasks=None):
         seen.append(train_cfg.finetune.resume)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "labels.json").write_text(json.dumps([len(seen)]))

@@ -93,6 +93,7 @@ class RunDisplay:
         self.terminal = terminal
         self.stages = {name: _Stage() for name in (START, *STAGES)}
         self.extraction: dict[str, tuple[int, int]] = {}
+        self.shards: dict[str, dict] = {}  # kind -> {shard: (done, total)} while shards encode
         self.heads = {name: _Head(epochs) for name, epochs in (heads or {}).items()}
         self._heads_tail = ProgressTail(progress_dir)
         self._events_tail = ProgressTail(events_dir(progress_dir))
@@ -118,7 +119,14 @@ class RunDisplay:
         """One line of ``pipeline/<stream>.jsonl``; returns the plain lines it tells."""
         if stream == EXTRACT_EVENTS:
             if "kind" in record:
-                self.extraction[str(record["kind"])] = (int(record.get("done") or 0), int(record.get("total") or 0))
+                kind, counts = str(record["kind"]), (int(record.get("done") or 0), int(record.get("total") or 0))
+                if "shard" in record:  # shards encode at once: the kind's count is their sum
+                    self.shards.setdefault(kind, {})[record["shard"]] = counts
+                    parts = self.shards[kind].values()
+                    counts = (sum(d for d, _ in parts), sum(t for _, t in parts))
+                else:  # the whole kind (assembled from the store): replaces its shards' counts
+                    self.shards.pop(kind, None)
+                self.extraction[kind] = counts
             return []
         if stream != STAGE_EVENTS or "stage" not in record:
             return []

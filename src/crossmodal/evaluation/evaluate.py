@@ -102,6 +102,8 @@ def evaluate_all(train_dir, out_dir) -> dict:
         heads[name] = {"modality": meta.get("modality", "fusion"), "family": meta.get("family", "frozen"),
                        "val": val, "test": test, "per_class": per_class, "temperature": temperature,
                        "ece": test["ece"], "ece_calibrated": test_cal["ece"], "test_calibrated": test_cal}
+        if "processes" in meta:  # the fine-tuned head: how many data-parallel processes trained it
+            heads[name]["processes"] = meta["processes"]
         # Robustness: the same test rows with one modality removed (absent keys: not available for this head).
         for block, key in (("missing_text", "test_proba_missing_text"), ("missing_image", "test_proba_missing_image")):
             heads[name][block] = compute_metrics(pred["test_y"], pred[key], labels) if key in pred else None

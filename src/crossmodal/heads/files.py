@@ -4,7 +4,7 @@
     save_head(head, "work/models/gated", {"best_epoch": 7})
     head = load_head("work/models/gated")         # nn.Module in eval mode
 
-Training (``crossmodal.training.frozen``) saves heads this way; the served model
+Training (``crossmodal.training.tasks``) saves heads this way; the served model
 (``crossmodal.serving.fused_model``) loads them.
 """
 

@@ -142,23 +142,29 @@ def cached_validate(manifest: str | Path, cfg: Config, out_dir: str | Path, cach
 
 
 # ----------------------------------------------------------------------------- extract (forced)
+def private_store(cache_dir: str | Path) -> Path:
+    """A fresh, empty feature store beside the real one, for ``force_extract`` (its shards may fill it first)."""
+    folder = Path(cache_dir).resolve() / "stages" / "extract"
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_tmp(folder)
+    return folder / tmp_name("force")
+
+
 def force_extract(validated_path: str | Path, cfg: Config, cache_dir: str | Path, progress: bool = True,
-                  on_progress=None) -> dict[str, Any]:
+                  on_progress=None, private: str | Path | None = None) -> dict[str, Any]:
     """Encode every item again even when the feature store has it (``--force``), then swap the results in.
 
     They are extracted into a private, empty store next to the real one (so nothing is reused: ``encoded`` counts
     every distinct item) and moved into the real one by ``crossmodal.features.extract.replace_store``: the shelf
     chunks win over the entries they replace, the assembled arrays land on the cached ones with one atomic rename
     each, so a run reading the store meanwhile sees the old file or the new one, never a missing one.
-    ``progress``, ``on_progress``: as for ``extract_features``.
+    ``progress``, ``on_progress``: as for ``extract_features``. ``private``: a store from :func:`private_store` that
+    extraction shards have filled already (it is removed here either way).
     """
     from crossmodal.features.extract import extract_features, replace_store
 
     cache_dir = Path(cache_dir).resolve()
-    folder = cache_dir / "stages" / "extract"
-    folder.mkdir(parents=True, exist_ok=True)
-    sweep_tmp(folder)
-    tmp = folder / tmp_name("force")
+    tmp = Path(private) if private is not None else private_store(cache_dir)
     try:
         result = replace_store(extract_features(validated_path, cfg.encoders, tmp, progress=progress,
                                                 on_progress=on_progress), tmp, cache_dir)
@@ -178,12 +184,13 @@ def train_key(data_hash: str, features: dict[str, Any], cfg: Config) -> str:
 
 
 def cached_train(validated: dict[str, Any], features: dict[str, Any], cfg: Config, out_dir: str | Path,
-                 cache_dir: str | Path, force: bool = False,
-                 progress_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 cache_dir: str | Path, force: bool = False, progress_dir: str | Path | None = None,
+                 run_tasks=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``train_all`` on the validated table and features into ``out_dir``, from the cache when the key is known.
 
-    Returns ``({"train_dir", "heads", "key"}, record)``. ``progress_dir``: where the heads append their epochs
-    while they train (a cached stage trains nothing, so writes nothing there).
+    Returns ``({"train_dir", "heads", "key", "tasks", "processes"}, record)``; ``tasks``: where each training task ran
+    and for how long (none when cached). ``progress_dir``: where the heads append their epochs while they train (a
+    cached stage trains nothing, so writes nothing there). ``run_tasks``: as for ``train_all`` (default: here).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir).resolve()
@@ -192,17 +199,20 @@ def cached_train(validated: dict[str, Any], features: dict[str, Any], cfg: Confi
     entry = _lookup(cache, "train", key, force)
     if entry is not None:
         files = entry.restore(out_dir)
-        return {"train_dir": str(out_dir), "heads": entry.meta.get("heads"), "key": key}, _record(True, key, t0, files)
-    from crossmodal.training.train import train_all
+        return ({"train_dir": str(out_dir), "heads": entry.meta.get("heads"), "key": key, "tasks": [],
+                 "processes": entry.meta.get("processes", {})}, _record(True, key, t0, files))
+    from crossmodal.training.train import run_in_process, train_all
 
     train_cfg = cfg.train
     if force:  # from scratch: a finished fine-tuning checkpoint would otherwise be reused as is
         train_cfg = train_cfg.model_copy(deep=True)
         train_cfg.finetune.resume = False
     result = train_all(validated["validated_path"], features["image_path"], features["text_path"], train_cfg,
-                       out_dir, cfg.encoders, str(Path(cache_dir).resolve()), progress_dir)
-    _store(cache, "train", key, out_dir, {"heads": result.heads}, force)
-    return {"train_dir": str(out_dir), "heads": result.heads, "key": key}, _record(False, key, t0)
+                       out_dir, cfg.encoders, str(Path(cache_dir).resolve()), progress_dir,
+                       run_tasks or run_in_process)
+    _store(cache, "train", key, out_dir, {"heads": result.heads, "processes": result.processes}, force)
+    return ({"train_dir": str(out_dir), "heads": result.heads, "key": key, "tasks": result.tasks,
+             "processes": result.processes}, _record(False, key, t0))
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -108,6 +108,8 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         # missing_text / missing_image: the same metrics with one modality removed from every test row
         heads[head].update({k: m.get(k) for k in ("family", "modality", "ece_calibrated", "temperature",
                                                   "missing_text", "missing_image")})
+        if "processes" in m:
+            heads[head]["processes"] = m["processes"]
     return {
         "heads": heads,
         "best_fusion": metrics.get("best_fusion"),

@@ -24,6 +24,14 @@ Writes ``<out_dir>/labels.json`` and ``<out_dir>/finetune_xattn/``: ``weights.sa
 the head; the frozen layers come from the pretrained encoders named in ``head.json``), ``head.json`` (modality
 "fusion", family "finetuned") and ``predictions.npz`` (as every head, with the test rows also predicted without
 text and without image).
+
+Several processes: ``train.finetune.processes: N`` trains with DistributedDataParallel in N ranks
+(``crossmodal.training.distributed``; gloo on CPU, NCCL with one GPU per rank). Every rank draws the same batch
+order and modality-dropout masks and takes its slice of each batch; the loss of a slice is its share of the whole
+batch's (class-weighted) mean, so the averaged gradient is that of the whole batch and the learning rates need no
+scaling. Rank 0 validates, writes the checkpoints and the outputs; the caller's ``on_epoch_end`` runs in the
+caller (with ``model`` None: the model lives in the ranks) while the ranks wait. A checkpoint of N processes is
+not one of a single process (BatchNorm statistics and dropout see slices), so N > 1 is part of the fingerprint.
 """
 
 
@@ -33,7 +41,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +60,7 @@ from crossmodal.files import atomic_path, write_json
 from crossmodal.hardware import autocast
 from crossmodal.heads.xattn import NAME, FinetunedXattn, load_trained, save_finetuned
 from crossmodal.heads.xattn_inputs import predict_proba, prepare_inputs
+from crossmodal.training.distributed import RankContext, run_ranks
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +120,11 @@ def fingerprint(frame, labels: list[str], cfg: TrainConfig, encoders: EncodersCo
     """What a checkpoint is valid for: the data (ids, labels, splits, image hashes, texts) and every setting used."""
     h = hashlib.sha256()
     settings = {"v": CHECKPOINT_VERSION, "finetune": cfg.finetune.model_dump(exclude={"resume", "checkpoint_dir",
-                                                                                      "enabled"}),
+                                                                                      "enabled", "processes"}),
                 "seed": cfg.seed, "class_weights": cfg.class_weights, "modality_dropout": cfg.modality_dropout,
                 "image": encoders.image.name, "text": encoders.text.name, "precision": precision, "labels": labels}
+    if cfg.finetune.processes > 1:  # only then: the checkpoints of one process keep their fingerprint
+        settings["processes"] = cfg.finetune.processes
     h.update(json.dumps(settings, sort_keys=True).encode())
     for col in ("id", "label", "split", "image_sha256", "text"):
         values = frame[col] if col in frame.columns else [""] * len(frame)
@@ -177,20 +190,12 @@ def _read_table(validated_path: Path):
     return read_validated(validated_path, ("id", "image", "text", "label", "split"), FinetuneError)
 
 
-def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, *, cache_dir=None,
-                  max_pixels: int | None = None, on_epoch_end=None) -> dict[str, Any]:
-    """Fine-tune ``finetune_xattn`` on ``validated.parquet``; write ``<out_dir>/finetune_xattn/``; return head.json.
-
-    ``on_epoch_end(epoch, history_row, model)`` is called after each epoch's checkpoint is on disk (progress
-    reports; an exception raised there interrupts training like a crash would, and the next call resumes).
-    """
-    from crossmodal.data.images import ImageError
-    from crossmodal.evaluation.metrics import compute_metrics
+def _plan(validated_path: Path, cfg: TrainConfig, encoders: EncodersConfig, out_dir: Path, cache_dir,
+          device: torch.device | None = None) -> dict[str, Any]:
+    """The table, its labels and splits (checked), the device and precision, and the checkpoint folder."""
     from crossmodal.hardware import precision_name, resolve_device, resolve_precision
-    from crossmodal.training.loop import balanced_class_weights, is_better, macro_f1
 
     ft = cfg.finetune
-    validated_path, out_dir = Path(validated_path), Path(out_dir)
     df = _read_table(validated_path)
     labels = sorted(df["label"].astype(str).unique())
     if len(labels) < 2:
@@ -201,12 +206,101 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
         if not (split == s).any():
             raise FinetuneError(f"the {s} split of {validated_path} has no rows; fine-tuning needs train and val rows")
 
-    device = resolve_device(encoders.device)
+    device = device or resolve_device(encoders.device)
     dtype = resolve_precision(encoders.precision, device)
     key = fingerprint(df, labels, cfg, encoders, precision_name(dtype))
     root = Path(ft.checkpoint_dir) if ft.checkpoint_dir else (
         Path(cache_dir) / "finetune" if cache_dir else out_dir / ".finetune_checkpoints")
-    ckpt_dir = root / key[:24]
+    return {"df": df, "labels": labels, "y_all": y_all, "split": split, "device": device, "dtype": dtype,
+            "key": key, "ckpt_dir": root / key[:24]}
+
+
+def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, *, cache_dir=None,
+                  max_pixels: int | None = None, on_epoch_end=None) -> dict[str, Any]:
+    """Fine-tune ``finetune_xattn`` on ``validated.parquet``; write ``<out_dir>/finetune_xattn/``; return head.json.
+
+    ``on_epoch_end(epoch, history_row, model)`` is called after each epoch's checkpoint is on disk (progress
+    reports; an exception raised there interrupts training like a crash would, and the next call resumes). With
+    ``train.finetune.processes`` > 1 it is called here while the ranks wait, with ``model`` None.
+    """
+    if cfg.finetune.processes == 1:
+        return _finetune(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
+    ckpt_dir = _plan(Path(validated_path), cfg, encoders, Path(out_dir), cache_dir)["ckpt_dir"]
+    if cfg.finetune.resume and _finished(ckpt_dir, cfg.finetune.epochs):
+        # Nothing left to train: predicting from the checkpoint here costs less than starting the ranks.
+        return _finetune(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
+    return _launch(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
+
+
+def finetune_rank(payload: dict[str, Any], rank: RankContext) -> None:
+    """One rank of a fine-tuning run with ``train.finetune.processes`` > 1 (started by :func:`finetune_head`)."""
+    _finetune(payload["validated_path"], TrainConfig.model_validate(payload["cfg"]),
+              EncodersConfig.model_validate(payload["encoders"]), payload["out_dir"], payload["cache_dir"],
+              payload["max_pixels"], None, rank)
+
+
+def _finished(ckpt_dir: Path, epochs: int) -> bool:
+    try:
+        return json.loads((ckpt_dir / "checkpoint.json").read_text())["epoch"] >= epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _launch(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, cache_dir, max_pixels,
+            on_epoch_end) -> dict[str, Any]:
+    from crossmodal.hardware import resolve_device
+
+    n = cfg.finetune.processes
+    device = resolve_device(encoders.device)
+    if os.name == "nt":
+        raise FinetuneError(f"train.finetune.processes is {n}, but several processes need Linux or macOS; set it to 1")
+    if device.type == "mps":
+        raise FinetuneError(f"train.finetune.processes is {n}, but DistributedDataParallel does not run on Apple "
+                            "MPS; set train.finetune.processes: 1, or encoders.device: cpu")
+    if device.type == "cuda" and torch.cuda.device_count() < n:
+        raise FinetuneError(f"train.finetune.processes is {n}, but torch sees {torch.cuda.device_count()} CUDA "
+                            "GPU(s) and each process needs its own; lower it, or set encoders.device: cpu")
+
+    def report(message: dict) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end(message["epoch"], message["row"], None)
+
+    log.info("%s: training in %d processes (%s)", NAME, n, "NCCL" if device.type == "cuda" else "gloo")
+    payload = {"validated_path": str(validated_path), "cfg": cfg.model_dump(mode="json"),
+               "encoders": encoders.model_dump(mode="json"), "out_dir": str(out_dir),
+               "cache_dir": None if cache_dir is None else str(cache_dir), "max_pixels": max_pixels}
+    run_ranks(f"{__name__}:finetune_rank", payload, n, cuda=device.type == "cuda", on_report=report,
+              error=FinetuneError, what=NAME)
+    return json.loads((Path(out_dir) / NAME / HEAD_FILE).read_text())
+
+
+def _share_of_loss(logits: torch.Tensor, rows: torch.Tensor, share: int, batch: torch.Tensor,
+                   weight: torch.Tensor | None) -> torch.Tensor:
+    """This rank's part of the whole batch's (class-weighted) mean cross-entropy: the parts sum to it.
+
+    ``rows``' targets (``share`` of them count; 0: a stand-in row run at weight 0), ``batch``: the whole batch's.
+    """
+    per_row = nn.functional.cross_entropy(logits.float(), rows, weight=weight, reduction="none")
+    if share == 0:
+        per_row = per_row * 0
+    return per_row.sum() / (weight[batch].sum() if weight is not None else len(batch))
+
+
+def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, cache_dir, max_pixels,
+              on_epoch_end, rank: RankContext | None = None) -> dict[str, Any] | None:
+    """The training itself, in one process (``rank`` None) or as one rank; returns head.json (None in rank > 0)."""
+    from crossmodal.data.images import ImageError
+    from crossmodal.evaluation.metrics import compute_metrics
+    from crossmodal.hardware import precision_name, usable_cores
+    from crossmodal.training.loop import balanced_class_weights, is_better, macro_f1, torch_threads
+
+    ft = cfg.finetune
+    world = rank.world_size if rank is not None else 1
+    main = rank is None or rank.is_main
+    validated_path, out_dir = Path(validated_path), Path(out_dir)
+    plan = _plan(validated_path, cfg, encoders, out_dir, cache_dir, rank.device if rank is not None else None)
+    df, labels, y_all, split = plan["df"], plan["labels"], plan["y_all"], plan["split"]
+    device, dtype, key, ckpt_dir = plan["device"], plan["dtype"], plan["key"], plan["ckpt_dir"]
 
     torch.manual_seed(cfg.seed)  # the head's initialisation
     from crossmodal.encoders.registry import load_image_encoder, load_text_encoder
@@ -218,11 +312,12 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
     train_idx = np.flatnonzero(split == "train")
     train_idx = train_idx[budget_rows(y_all[train_idx], ft.max_train_rows, cfg.seed)]
     rows = {"train": train_idx, "val": np.flatnonzero(split == "val"), "test": np.flatnonzero(split == "test")}
+    prepared = rows if main else {"train": train_idx}  # only rank 0 validates and predicts
     try:
         inputs = {s: prepare_inputs(df["image"].iloc[r].tolist(), df["text"].iloc[r].tolist(), text_enc.tokenizer,
                                     ft.image_size, min(ft.max_length, text_enc.max_positions), max_pixels,
                                     [f"row id {i!r}" for i in df["id"].iloc[r]])
-                  for s, r in rows.items()}
+                  for s, r in prepared.items()}
     except ImageError as err:  # validation decoded it, so the file changed or vanished since
         raise FinetuneError(f"{validated_path}: {err}; re-run `crossmodal validate` to quarantine it") from None
     y = {s: torch.from_numpy(y_all[r]) for s, r in rows.items()}
@@ -243,70 +338,112 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
 
     history: list[dict] = []
     best_f1, best_loss, best_ep, best_state = -1.0, float("inf"), 0, model.trained_state()
-    start_epoch, resumed_from = 1, None
+    start_epoch, resumed_from, meta, failed = 1, None, None, None
     if ft.resume and (ckpt_dir / "checkpoint.json").is_file():
         try:
             meta, best_state = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
         except Exception as err:  # an unreadable or foreign checkpoint costs a retrain, never the run
-            log.warning("ignoring checkpoint %s (%s); training from the start", ckpt_dir, err)
-            return _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end)
+            failed = err
+    if rank is not None and rank.all_sum([failed is not None])[0] and failed is None:
+        failed = FinetuneError("another rank could not read it")  # every rank restarts, or none
+    if failed is not None:
+        log.warning("ignoring checkpoint %s (%s); training from the start", ckpt_dir, failed)
+        return _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end, rank)
+    if meta is not None:
         history, best_ep = meta["history"], meta["best_epoch"]
         best_f1, best_loss = meta["best_val_macro_f1"], meta["best_val_loss"]
         start_epoch = resumed_from = meta["epoch"] + 1
         log.info("%s: resuming from %s after epoch %d of %d", NAME, ckpt_dir, meta["epoch"], ft.epochs)
+    if rank is None and ft.processes > 1 and start_epoch <= ft.epochs:
+        # finetune_head found this checkpoint finished and it is not now: the epochs left are the ranks' to train
+        return _launch(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
 
+    # Rank 0 predicts while the other ranks wait at a barrier (or have exited), so it may use their cores.
+    all_cores = ((lambda: torch_threads(usable_cores())) if rank is not None and device.type == "cpu"
+                 else nullcontext)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n = len(train_idx)
     for epoch in range(start_epoch, ft.epochs + 1):
         e0 = time.perf_counter()
-        model.train()
-        # Per-epoch seeds: batch order, modality dropout and dropout replay identically after a resume.
+        net.train()
+        # Per-epoch seeds: batch order, modality dropout and dropout replay identically after a resume. Every
+        # rank draws the same order and masks from ``gen``; dropout inside the model differs by rank, as it would
+        # between the rows of one process's batch.
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch + (rank.rank << 32 if rank is not None else 0))
         drop_image, drop_text = modality_dropout_masks(n, cfg.modality_dropout, gen, inputs["train"].image_missing,
                                                        inputs["train"].text_missing)
         total_loss, seen = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         order = torch.randperm(n, generator=gen).split(ft.batch_size)
         for b, idx in enumerate(order):
-            batch = inputs["train"].batch(idx, device)
-            batch["image_missing"] |= drop_image[idx].to(device)
-            batch["text_missing"] |= drop_text[idx].to(device)
-            with autocast(device, dtype):
-                logits = model(**batch)
-            loss = criterion(logits.float(), y["train"][idx].to(device))
-            (loss * len(idx) / (ft.batch_size * ft.grad_accum)).backward()  # mean over the accumulated rows
+            stepping = (b + 1) % ft.grad_accum == 0 or b + 1 == len(order)
+            share = idx if world == 1 else idx.tensor_split(world)[rank.rank]
+            # A rank whose slice of a short last batch is empty still runs a row at weight 0: DDP reduces the
+            # gradients of every rank at every step.
+            part = share if len(share) else idx[:1]
+            batch = inputs["train"].batch(part, device)
+            batch["image_missing"] |= drop_image[part].to(device)
+            batch["text_missing"] |= drop_text[part].to(device)
+            with nullcontext() if stepping or world == 1 else net.no_sync():  # reduce once per optimizer step
+                with autocast(device, dtype):
+                    logits = net(**batch)
+                if world == 1:
+                    loss = criterion(logits.float(), y["train"][idx].to(device))
+                else:
+                    loss = _share_of_loss(logits, y["train"][part].to(device), len(share),
+                                          y["train"][idx].to(device), criterion.weight)
+                # mean over the accumulated rows; DDP averages over the ranks, so each part counts ``world`` times
+                (loss * (world * len(idx)) / (ft.batch_size * ft.grad_accum)).backward()
             total_loss += loss.item() * len(idx)
-            seen += len(idx)
-            if (b + 1) % ft.grad_accum == 0 or b + 1 == len(order):
+            seen += len(share)
+            if stepping:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+        if rank is not None:
+            total_loss, seen = rank.all_sum([total_loss, seen])
         if not math.isfinite(total_loss):
             raise FinetuneError(f"{NAME}: training loss became {total_loss} at epoch {epoch}; lower "
                                 f"train.finetune.lr_head ({ft.lr_head}) and lr_encoder ({ft.lr_encoder})")
-        val_proba = predict_proba(model, inputs["val"], ft.batch_size * 2, dtype)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_proba).clamp(min=1e-12)), y["val"],
-                                                weight=weight))
-        val_f1 = macro_f1(y["val"].numpy(), val_proba.argmax(1))
-        lrs = scheduler.get_last_lr()
-        history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
-                        "val_macro_f1": val_f1, "lr_encoder": lrs[0], "lr_head": lrs[1],
-                        "seconds": round(time.perf_counter() - e0, 3)})
-        if is_better(val_f1, val_loss, best_f1, best_loss):
-            best_f1, best_loss, best_ep = val_f1, val_loss, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.trained_state().items()}
-        save_checkpoint(ckpt_dir, model, optimizer, scheduler,
-                        {"epoch": epoch, "epochs": ft.epochs, "history": history, "best_epoch": best_ep,
-                         "best_val_macro_f1": best_f1, "best_val_loss": best_loss, "fingerprint": key}, best_state)
-        log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val macro-F1 %.3f (%.1f s)", NAME, epoch,
-                 ft.epochs, history[-1]["train_loss"], val_loss, val_f1, history[-1]["seconds"])
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, history[-1], model)
+        if main:
+            with all_cores():
+                val_proba = predict_proba(model, inputs["val"], ft.batch_size * 2, dtype)
+            val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(val_proba).clamp(min=1e-12)),
+                                                    y["val"], weight=weight))
+            val_f1 = macro_f1(y["val"].numpy(), val_proba.argmax(1))
+            lrs = scheduler.get_last_lr()
+            history.append({"epoch": epoch, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
+                            "val_macro_f1": val_f1, "lr_encoder": lrs[0], "lr_head": lrs[1],
+                            "seconds": round(time.perf_counter() - e0, 3)})
+            if is_better(val_f1, val_loss, best_f1, best_loss):
+                best_f1, best_loss, best_ep = val_f1, val_loss, epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.trained_state().items()}
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler,
+                            {"epoch": epoch, "epochs": ft.epochs, "history": history, "best_epoch": best_ep,
+                             "best_val_macro_f1": best_f1, "best_val_loss": best_loss, "fingerprint": key},
+                            best_state)
+            log.info("%s epoch %d/%d: train loss %.4f, val loss %.4f, val macro-F1 %.3f (%.1f s)", NAME, epoch,
+                     ft.epochs, history[-1]["train_loss"], val_loss, val_f1, history[-1]["seconds"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history[-1], model)
+            if rank is not None:
+                rank.report({"epoch": epoch, "row": history[-1]})
+        if rank is not None:
+            rank.barrier()  # the others wait for rank 0's validation, checkpoint and caller
+    if not main:
+        return None
 
     load_trained(model, {k: v.to(device) for k, v in best_state.items()}, ckpt_dir / "tensors.safetensors")
-    proba = {s: predict_proba(model, inputs[s], ft.batch_size * 2, dtype) for s in ("val", "test")}
-    missing = {m: predict_proba(model, inputs["test"], ft.batch_size * 2, dtype, drop=m) for m in ("text", "image")}
+    with all_cores():
+        proba = {s: predict_proba(model, inputs[s], ft.batch_size * 2, dtype) for s in ("val", "test")}
+        missing = {m: predict_proba(model, inputs["test"], ft.batch_size * 2, dtype, drop=m)
+                   for m in ("text", "image")}
     info = {
         "family": "finetuned",
         "best_epoch": best_ep,
@@ -321,6 +458,7 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
         "labels": labels,
         "device": str(device),
         "precision": precision_name(dtype),
+        "processes": ft.processes,
         "tuned": {"image_units": model.image.tuned, "image_units_total": len(model.image.units),
                   "text_layers": model.text.tuned, "text_layer_path": model.text.layer_path},
         "checkpoint": str(ckpt_dir),
@@ -337,11 +475,13 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
     return json.loads((head_dir / HEAD_FILE).read_text())
 
 
-def _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end):
+def _restart(validated_path, cfg, encoders, out_dir, ckpt_dir, cache_dir, max_pixels, on_epoch_end, rank):
     import shutil
 
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return finetune_head(validated_path, cfg, encoders, out_dir, cache_dir=cache_dir, max_pixels=max_pixels,
-                         on_epoch_end=on_epoch_end)
-
-
+    if rank is None or rank.is_main:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if rank is None:
+        return finetune_head(validated_path, cfg, encoders, out_dir, cache_dir=cache_dir, max_pixels=max_pixels,
+                             on_epoch_end=on_epoch_end)
+    rank.barrier()  # removed before any rank looks for it again
+    return _finetune(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end, rank)

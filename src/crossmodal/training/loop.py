@@ -128,7 +128,7 @@ def torch_threads(n: int):
     little on an idle machine, and when anything else is running (an MLflow server, feature
     extraction) OpenMP threads wait on each other and an epoch becomes many times slower. One
     thread is also bit-reproducible whatever the core count; several cores are used by training
-    several heads at once instead (``crossmodal.training.pool``).
+    several heads at once instead (``crossmodal.training.tasks``, one process each).
     """
     import torch
 

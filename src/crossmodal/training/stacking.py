@@ -14,7 +14,7 @@ unimodal heads trained on the whole train split supply the probabilities.
 On a large train split only the fewest whole folds holding ``train.stacking.oof_rows`` rows are predicted
 (:func:`folds_to_predict`); each of those fold models is the one the full K-fold trains, so nothing leaks, and only
 the meta-classifier (a few dozen weights) sees fewer rows. The folds are independent tasks that ``train_all``
-runs in parallel with the other heads (``crossmodal.training.frozen``). The result is one ``nn.Module`` holding
+runs in parallel with the other heads (``crossmodal.training.tasks``). The result is one ``nn.Module`` holding
 both unimodal heads and the meta layer, saved and loaded like any head (``crossmodal.heads.files``).
 """
 

@@ -1,32 +1,46 @@
-"""The frozen-feature heads of one ``train_all`` run, as independent tasks that any process can run.
+"""The train stage as independent tasks: every head, stacking fold, base model and baseline is one task.
 
-    from crossmodal.training.frozen import train_frozen_heads
-    summaries, workers = train_frozen_heads(["concat", "stacking"], data, labels, cfg, out_dir, sources)
-    summaries["concat"]      # {"dir", "val_macro_f1", "best_epoch", "epochs_run", "seconds"}
+    from crossmodal.training.tasks import plan_training, run_training_task
+    job, tasks = plan_training("work/validated/validated.parquet", "work/features/image.npy", "work/features/text.npy",
+                               cfg.train, "work/models", cfg.encoders)
+    results = {t["name"]: run_training_task(t, job) for t in tasks}  # any process, in any order the "after" lists allow
+    # crossmodal.training.train.finish_training(job, tasks, results): the stage's TrainResult
 
-A task is a tuple:
+A task is a small JSON-able dict, and so is ``job`` (the run's paths and settings): tasks pass paths, ids and settings,
+never arrays or modules, so any process that sees the same files (a Dask worker on another machine, a retry after a
+crash) can run any task. Kinds:
 
-    ("head", name)       train head ``name``, predict its val and test rows, write ``<out_dir>/<name>/``;
-                         returns its summary (and its weights when stacking reuses them)
-    ("base", name)       train ``image_only`` / ``text_only`` for stacking alone (not a requested head): weights
-    ("fold", name, k)    stacking: ``image_only`` / ``text_only`` trained without fold ``k`` of the train split,
-                         its probabilities for fold ``k`` (crossmodal.training.stacking.fold_probabilities)
+    {"name": "train-concat", "kind": "head", "head": "concat"}            a frozen-feature head -> <out>/concat/
+    {"name": "fold-text_only-2", "kind": "fold", "head": "text_only", "fold": 2}
+                                                                          stacking: out-of-fold probabilities
+    {"name": "base-image_only", "kind": "base", "head": "image_only"}     stacking's base model, when not a head
+    {"name": "train-stacking", "kind": "stacking", "head": "stacking", "after": [...]}   the meta-classifier
+    {"name": "train-finetune_xattn", "kind": "finetune", ...}             from raw inputs (crossmodal.training.finetune)
+    {"name": "train-traditional_text", "kind": "traditional", ...}        a baseline (crossmodal.training.traditional)
 
-The tasks run on ``train.workers`` processes at once (``crossmodal.training.pool``); the stacking head is put together
-in this process once its folds and base heads are done (its meta-classifier is small). Every task seeds itself, so
-the files written are the same, to the bit, with one process or several.
+Every task seeds itself, so what it writes is the same, to the bit, whichever process or machine runs it and in
+whatever order. Its output folder is written aside and moved into place whole (``crossmodal.files.atomic_dir``), so
+a task killed midway leaves nothing half-written; stacking's parts go to ``<out>/.parts/`` and are removed when the
+stage finishes. Torch's random generator is one per process, so the tasks that draw from it hold a lock: threads
+of one process train one head at a time (results would otherwise depend on the interleaving), and the
+cores are used by processes (``orchestration.task_runner``).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from crossmodal.artifacts import PREDICTIONS_FILE
+from crossmodal.artifacts import HEAD_FILE, LABELS_FILE, PREDICTIONS_FILE, TASK_PARTS_DIR, WEIGHTS_FILE
+from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, EncodersConfig, TrainConfig
 from crossmodal.data.split import SPLITS
 from crossmodal.errors import TrainError
+from crossmodal.files import atomic_dir, atomic_path
 from crossmodal.heads.files import save_head
 from crossmodal.heads.inference import predict_gates, predict_proba, without
 from crossmodal.heads.stacking import UNIMODAL
@@ -35,37 +49,77 @@ from crossmodal.training.loop import EPOCH_ROWS, TRAIN_THREADS, BatchStream, bes
 from crossmodal.training.progress import epoch_writer
 from crossmodal.training.stacking import fold_assignment, folds_to_predict, train_stacking
 
+# Tasks that draw from torch's per-process random generator (see the module docstring).
+_TORCH = threading.Lock()
+_DATA: dict = {}  # this process's copy of the run's features: one entry, keyed by the files and their mtimes
 
-def plan_tasks(heads: list[str], data: SplitFeatures, cfg) -> list[tuple]:
-    """The tasks that train ``heads`` (frozen-feature heads only), stacking's folds and base heads included."""
-    tasks: list[tuple] = [("head", name) for name in heads if name != "stacking"]
-    if "stacking" in heads:
-        n_train = len(data.y["train"])
+
+def plan_training(validated_path, image_path, text_path, cfg: TrainConfig, out_dir,
+                  encoders: EncodersConfig | None = None, cache_dir=None, progress_dir=None) -> tuple[dict, list]:
+    """The run's ``job`` and its tasks, costliest first (the order to submit them in); writes ``labels.json``.
+
+    ``encoders``: what the fine-tuned head loads (defaults when None); ``cache_dir``: where fine-tuning keeps its checkpoints (``crossmodal.training.finetune``); ``progress_dir``: where
+    each head appends its epochs while it trains (``crossmodal.training.progress``).
+
+    A head folder left in ``out_dir`` by an earlier run that this one does not train is removed (it would otherwise
+    be evaluated as if current); so are stacking parts a killed run left behind.
+    """
+    tcfg = cfg
+    data, labels = load_split_features(validated_path, image_path, text_path)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
+    heads = [h for h in tcfg.heads if h not in FINETUNED_HEADS]
+    heads += [h for h in tcfg.heads if h in FINETUNED_HEADS and tcfg.finetune.enabled]
+    for stale in HEAD_NAMES:
+        if stale not in heads and (out_dir / stale / HEAD_FILE).is_file():
+            shutil.rmtree(out_dir / stale)
+    shutil.rmtree(out_dir / TASK_PARTS_DIR, ignore_errors=True)
+
+    frozen = [h for h in heads if h not in TRADITIONAL_HEADS and h not in FINETUNED_HEADS]
+    tasks = [{"name": f"train-{h}", "kind": "finetune", "head": h} for h in heads if h in FINETUNED_HEADS]
+    deep = [{"name": f"train-{h}", "kind": "head", "head": h} for h in frozen if h != "stacking"]
+    if "stacking" in frozen:
         for split in ("train", "val"):
             if len(data.y[split]) == 0:
                 raise TrainError(f"the {split} split has no rows; stacking needs train rows and val rows")
         try:
-            fold_assignment(data.y["train"], cfg.stacking.folds, cfg.seed)  # too few rows: say so before training
+            fold_assignment(data.y["train"], tcfg.stacking.folds, tcfg.seed)  # too few rows: say so before training
         except ValueError as err:
             raise TrainError(str(err)) from None
-        tasks += [("base", name) for name in UNIMODAL if name not in heads]
-        folds = folds_to_predict(n_train, cfg.stacking.folds, cfg.stacking.oof_rows)
-        tasks += [("fold", name, k) for k in range(folds) for name in UNIMODAL]
-    return tasks
+        deep += [{"name": f"base-{h}", "kind": "base", "head": h} for h in UNIMODAL if h not in frozen]
+        folds = folds_to_predict(len(data.y["train"]), tcfg.stacking.folds, tcfg.stacking.oof_rows)
+        deep += [{"name": f"fold-{h}-{k}", "kind": "fold", "head": h, "fold": k}
+                 for k in range(folds) for h in UNIMODAL]
+    deep.sort(key=lambda t: task_cost(t, data, tcfg, len(labels)), reverse=True)  # stable: ties keep plan order
+    tasks += deep
+    if "stacking" in frozen:
+        before = [t["name"] for t in deep if t["kind"] in ("fold", "base") or t["head"] in UNIMODAL]
+        tasks.append({"name": "train-stacking", "kind": "stacking", "head": "stacking", "after": before})
+    tasks += [{"name": f"train-{h}", "kind": "traditional", "head": h} for h in heads if h in TRADITIONAL_HEADS]
+    job = {"validated": str(Path(validated_path).resolve()), "image": str(Path(image_path).resolve()),
+           "text": str(Path(text_path).resolve()), "out_dir": str(out_dir),
+           "cache_dir": None if cache_dir is None else str(Path(cache_dir).resolve()),
+           "progress_dir": None if progress_dir is None else str(progress_dir),
+           "train": cfg.model_dump(), "encoders": (encoders or EncodersConfig()).model_dump(), "labels": labels, "heads": heads,
+           "rows": {s: int(len(data.y[s])) for s in SPLITS}}
+    _DATA.clear()
+    _DATA[_data_key(job)] = data  # the planning process may run tasks too: it has read the features already
+    return job, tasks
 
 
 _STEP_SECONDS: dict[tuple, float] = {}  # (head, sizes, batch) -> seconds per training row, for task_cost
 
 
-def task_cost(task: tuple, data: SplitFeatures, cfg, num_classes: int) -> float:
-    """The expected seconds per epoch of a task, to start the longest tasks first: the time of one training step
-    of its head on a batch of real rows (timed once per head and process) x the rows of an epoch (at most
-    EPOCH_ROWS; a fold model trains on (K-1)/K of the train rows). Timed, not counted: parameter counts would rank
-    the attention head among the cheapest, while its many small operations make it one of the slowest."""
+def task_cost(task: dict, data: SplitFeatures, cfg, num_classes: int) -> float:
+    """The expected seconds per epoch of a frozen-feature task, to start the longest tasks first: the time of one
+    training step of its head on a batch of real rows (timed once per head and process) x the rows of an epoch (at
+    most EPOCH_ROWS; a fold model trains on (K-1)/K of the train rows). Timed, not counted: parameter counts would
+    rank the attention head among the cheapest, while its many small operations make it one of the slowest."""
     rows = len(data.y["train"])
-    if task[0] == "fold":
+    if task["kind"] == "fold":
         rows = rows * (cfg.stacking.folds - 1) // cfg.stacking.folds
-    return _seconds_per_row(task[1], data, cfg, num_classes) * min(rows, EPOCH_ROWS)
+    return _seconds_per_row(task["head"], data, cfg, num_classes) * min(rows, EPOCH_ROWS)
 
 
 def _seconds_per_row(name: str, data: SplitFeatures, cfg, num_classes: int) -> float:
@@ -77,7 +131,7 @@ def _seconds_per_row(name: str, data: SplitFeatures, cfg, num_classes: int) -> f
     key = (name, data.image_dim, data.text_dim, num_classes, cfg.hidden_dim, n)
     if key not in _STEP_SECONDS:
         # Its own RNG state: building a head draws its initial weights, and the heads' training must not notice.
-        with torch.random.fork_rng(devices=[]), torch_threads(TRAIN_THREADS):
+        with _TORCH, torch.random.fork_rng(devices=[]), torch_threads(TRAIN_THREADS):
             head = build_head(name, data.image_dim, data.text_dim, num_classes, cfg)
             xi = torch.from_numpy(np.ascontiguousarray(data.image["train"][:n]))
             xt = torch.from_numpy(np.ascontiguousarray(data.text["train"][:n]))
@@ -91,32 +145,135 @@ def _seconds_per_row(name: str, data: SplitFeatures, cfg, num_classes: int) -> f
     return _STEP_SECONDS[key]
 
 
-def run_task(task: tuple, data: SplitFeatures, context: dict) -> dict:
-    """Run one task (see the module docstring) in this process; ``context``: cfg, labels, out_dir, keep_weights."""
-    from crossmodal.training.stacking import fold_probabilities
+def _data_key(job: dict) -> tuple:
+    return tuple((p, Path(p).stat().st_mtime_ns) for p in (job["validated"], job["image"], job["text"]))
 
-    cfg, labels = context["cfg"], context["labels"]
-    kind, name = task[0], task[1]
+
+def task_data(job: dict) -> SplitFeatures:
+    """The run's features as this process sees them (read once per process); TrainError if they changed since
+    the run was planned (another run rewrote them meanwhile)."""
+    try:
+        key = _data_key(job)
+    except OSError as err:
+        raise TrainError(f"{err.filename} cannot be read here ({err.strerror}); every process that trains must see "
+                         "the run's files at the same path (orchestration: shared storage)") from None
+    if key not in _DATA:
+        data, found = load_split_features(job["validated"], job["image"], job["text"])
+        got = {s: int(len(data.y[s])) for s in SPLITS}
+        if found != job["labels"] or got != job["rows"]:
+            raise TrainError(f"{job['validated']} or its features changed while training ran (labels {found}, rows "
+                             f"{got}; expected {job['labels']}, {job['rows']}); run `crossmodal train` again")
+        _DATA.clear()  # one run's features per process at a time
+        _DATA[key] = data
+    return _DATA[key]
+
+
+def run_training_task(task: dict, job: dict) -> dict:
+    """Run one task of :func:`plan_training` in this process; returns its small summary (paths and figures)."""
+    cfg = TrainConfig.model_validate(job["train"])
+    out_dir, kind, name = Path(job["out_dir"]), task["kind"], task["head"]
     start = time.perf_counter()
-    if kind == "fold":
-        proba = fold_probabilities(data, cfg, len(labels), task[2], name)
-        return {"proba": proba, "seconds": time.perf_counter() - start}
-    # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
-    on_epoch = epoch_writer(context.get("progress_dir"), name) if kind == "head" else None
-    head, history = train_head(name, data, cfg, len(labels), on_epoch)
+    if kind == "traditional":
+        return _traditional(task, job, cfg, out_dir, start)
+    with _TORCH:
+        if kind == "finetune":
+            return _finetune(task, job, cfg, out_dir, start)
+        data = task_data(job)
+        labels = job["labels"]
+        if kind == "fold":
+            from crossmodal.training.stacking import fold_probabilities
+
+            proba = fold_probabilities(data, cfg, len(labels), task["fold"], name)
+            with atomic_path(_part(out_dir, task["name"], ".npy")) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, proba)
+            return {"name": task["name"], "head": name, "seconds": round(time.perf_counter() - start, 3)}
+        if kind == "stacking":
+            return _stacking(task, job, data, cfg, out_dir)
+        # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
+        on_epoch = epoch_writer(job["progress_dir"], name) if kind == "head" else None
+        head, history = train_head(name, data, cfg, len(labels), on_epoch)
+        seconds = time.perf_counter() - start
+        if kind == "base":
+            from safetensors.torch import save_file
+
+            with atomic_path(_part(out_dir, task["name"], ".safetensors")) as tmp:
+                save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+            return {"name": task["name"], "head": name, "seconds": round(seconds, 3)}
+        return {"name": task["name"], **save_trained_head(head, history, seconds, data, labels, cfg, out_dir)}
+
+
+def _part(out_dir: Path, name: str, suffix: str) -> Path:
+    return out_dir / TASK_PARTS_DIR / f"{name}{suffix}"
+
+
+def _stacking(task: dict, job: dict, data: SplitFeatures, cfg: TrainConfig, out_dir: Path) -> dict:
+    """The stacking head from its parts: out-of-fold probabilities, base heads, meta-classifier; saved like any head.
+    Its seconds here are its meta fit's; the stage's result adds those of its folds and base models."""
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    c = len(job["labels"])
+    fold = fold_assignment(data.y["train"], cfg.stacking.folds, cfg.seed)
+    oof = np.full((len(fold), 2 * c), np.nan, dtype=np.float32)
+    for k in range(folds_to_predict(len(fold), cfg.stacking.folds, cfg.stacking.oof_rows)):
+        for column, name in enumerate(UNIMODAL):
+            oof[fold == k, column * c : (column + 1) * c] = np.load(_part(out_dir, f"fold-{name}-{k}", ".npy"))
+    base = {}
+    for name in UNIMODAL:
+        trained = out_dir / name / WEIGHTS_FILE
+        base[name] = load_file(str(trained if name in job["heads"] else _part(out_dir, f"base-{name}", ".safetensors")))
+    head, history = train_stacking(data, cfg, c, base_heads=base, oof=oof)
     seconds = time.perf_counter() - start
-    out: dict = {"seconds": seconds}
-    if kind == "head":
-        out.update(save_trained_head(head, history, seconds, data, labels, cfg, context["out_dir"]))
-    if kind == "base" or name in context["keep_weights"]:
-        out["weights"] = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    return out
+    return {"name": task["name"], **save_trained_head(head, history, seconds, data, job["labels"], cfg, out_dir)}
+
+
+def _finetune(task: dict, job: dict, cfg: TrainConfig, out_dir: Path, start: float) -> dict:
+    from crossmodal.training.finetune import finetune_head
+
+    name = task["head"]
+    write = epoch_writer(job["progress_dir"], name)
+    train = cfg
+    if job["cache_dir"] is None and train.finetune.checkpoint_dir is None:  # not in the folder written aside below
+        train = train.model_copy(deep=True)
+        train.finetune.checkpoint_dir = str(out_dir / ".finetune_checkpoints")
+    # One torch thread, as every task, wherever it runs: CPU kernels may split their sums by thread, so a fixed count
+    # keeps the result the same on every runner; and beside the other tasks' worker processes, more threads wait on
+    # each other (measured in docs/scale-out.md). The cores go to the other tasks, or to train.finetune.processes.
+    with torch_threads(TRAIN_THREADS), atomic_dir(out_dir / TASK_PARTS_DIR / name) as tmp:
+        info = finetune_head(job["validated"], train, EncodersConfig.model_validate(job["encoders"]), tmp, cache_dir=job["cache_dir"],
+                             on_epoch_end=None if write is None else lambda epoch, row, model: write(row))
+        (tmp / LABELS_FILE).unlink(missing_ok=True)  # plan_training wrote the run's labels (the same list)
+        head_dir = _publish(tmp / name, out_dir / name)
+    return {"name": task["name"], "dir": str(head_dir), "val_macro_f1": info["val_metrics"]["macro_f1"],
+            "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "seconds": info["train_seconds"],
+            "processes": info.get("processes", 1)}
+
+
+def _traditional(task: dict, job: dict, cfg: TrainConfig, out_dir: Path, start: float) -> dict:
+    from crossmodal.training.traditional import train_traditional
+
+    name = task["head"]
+    data = task_data(job)
+    with atomic_dir(out_dir / TASK_PARTS_DIR / name) as tmp:
+        info = train_traditional(job["validated"], data, job["labels"], cfg, tmp, [name])[name]
+        head_dir = _publish(tmp / name, out_dir / name)
+    return {"name": task["name"], "dir": str(head_dir), "val_macro_f1": info["val_metrics"]["macro_f1"],
+            "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"],
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _publish(src: Path, dst: Path) -> Path:
+    """Move a finished head folder into place whole (see ``crossmodal.files.atomic_dir``)."""
+    with atomic_dir(dst) as tmp:
+        tmp.rmdir()
+        src.rename(tmp)
+    return dst
 
 
 def save_trained_head(head, history: list[dict], seconds: float, data: SplitFeatures, labels: list[str], cfg,
                       out_dir) -> dict:
     """Predict the val and test rows (also with each modality removed, and the gates of gated heads), write
-    ``<out_dir>/<name>/`` (weights, head.json, predictions.npz); returns the head's summary."""
+    ``<out_dir>/<name>/`` whole (weights, head.json, predictions.npz); returns the head's summary."""
     from crossmodal.evaluation.metrics import compute_metrics
 
     name = head.init_args["name"]
@@ -139,78 +296,14 @@ def save_trained_head(head, history: list[dict], seconds: float, data: SplitFeat
         "config": cfg.model_dump(),
         "family": "frozen",
     }
-    head_dir = save_head(head, Path(out_dir) / name, info)
-    np.savez(
-        head_dir / PREDICTIONS_FILE,
-        **{f"{s}_proba": proba[s] for s in ("val", "test")},
-        **{f"{s}_y": data.y[s] for s in ("val", "test")},
-        **{f"{s}_ids": data.ids[s].astype(str) for s in ("val", "test")},
-        **robustness,
-    )
-    return {"dir": str(head_dir), "val_macro_f1": val_metrics["macro_f1"], "best_epoch": info["best_epoch"],
-            "epochs_run": info["epochs_run"], "seconds": round(seconds, 3)}
-
-
-def finish_stacking(results: dict, data: SplitFeatures, labels: list[str], cfg, out_dir) -> dict:
-    """The stacking head from its finished tasks: out-of-fold probabilities, base heads, meta-classifier; saved
-    like any head. Its seconds are those of its folds (and base heads trained for it alone) plus the meta fit."""
-    start = time.perf_counter()
-    c = len(labels)
-    fold = fold_assignment(data.y["train"], cfg.stacking.folds, cfg.seed)
-    oof = np.full((len(fold), 2 * c), np.nan, dtype=np.float32)
-    spent = 0.0
-    for (kind, name, *rest), result in results.items():
-        if kind == "fold":
-            column = UNIMODAL.index(name)
-            oof[fold == rest[0], column * c : (column + 1) * c] = result["proba"]
-        if kind in ("fold", "base"):
-            spent += result["seconds"]
-    base = {name: (results.get(("head", name)) or results[("base", name)])["weights"] for name in UNIMODAL}
-    head, history = train_stacking(data, cfg, c, base_heads=base, oof=oof)
-    seconds = spent + time.perf_counter() - start
-    return save_trained_head(head, history, seconds, data, labels, cfg, out_dir)
-
-
-def load_worker_data(validated_path, image_path, text_path, labels: list[str], rows: dict) -> SplitFeatures:
-    """A worker's copy of the run's features, read from the same files; TrainError if they changed meanwhile."""
-    data, found = load_split_features(validated_path, image_path, text_path)
-    got = {s: int(len(data.y[s])) for s in SPLITS}
-    if found != labels or got != rows:
-        raise TrainError(f"{validated_path} or its features changed while training ran (labels {found}, rows "
-                           f"{got}; expected {labels}, {rows}); run `crossmodal train` again")
-    return data
-
-
-def train_frozen_heads(heads: list[str], data: SplitFeatures, labels: list[str], cfg, out_dir,
-                       sources: tuple, progress_dir: str | None = None) -> tuple[dict[str, dict], int]:
-    """Train and save every head in ``heads`` (frozen-feature heads); returns ({head: summary}, processes used).
-
-    With ``progress_dir`` each head appends its epochs there as it trains (``crossmodal.training.progress``).
-
-    ``sources`` = (validated.parquet, image.npy, text.npy) that ``data`` was read from: worker processes read
-    them again (see crossmodal.training.pool).
-    """
-    from crossmodal.training.pool import plan_workers, run_tasks
-
-    tasks = plan_tasks(heads, data, cfg)
-    rows = {s: int(len(data.y[s])) for s in SPLITS}
-    workers, cost = 1, None
-    if cfg.workers != 1 and len(tasks) > 1:
-        def cost(task):
-            return task_cost(task, data, cfg, len(labels))
-
-        # Every head runs at least patience + 1 epochs (its best one, then patience more): a lower bound.
-        work = sum(cost(task) for task in tasks) * min(cfg.max_epochs, cfg.patience + 1)
-        data_bytes = sum(a.nbytes for part in (data.image, data.text) for a in part.values())
-        workers = plan_workers(cfg.workers, work, len(tasks), data_bytes)
-    context = {"cfg": cfg, "labels": labels, "out_dir": str(out_dir), "progress_dir": progress_dir,
-               "keep_weights": set(UNIMODAL) if "stacking" in heads else set()}
-    load = (load_worker_data, (*(str(p) for p in sources), labels, rows))
-    results = run_tasks(tasks, run_task, data, context, workers, load=load, cost=cost)
-    summaries = {}
-    if "stacking" in heads:
-        summaries["stacking"] = finish_stacking(results, data, labels, cfg, out_dir)
-    for name in heads:
-        if name != "stacking":
-            summaries[name] = {k: v for k, v in results[("head", name)].items() if k != "weights"}
-    return {name: summaries[name] for name in heads}, workers
+    with atomic_dir(Path(out_dir) / name) as tmp:
+        save_head(head, tmp, info)
+        np.savez(
+            tmp / PREDICTIONS_FILE,
+            **{f"{s}_proba": proba[s] for s in ("val", "test")},
+            **{f"{s}_y": data.y[s] for s in ("val", "test")},
+            **{f"{s}_ids": data.ids[s].astype(str) for s in ("val", "test")},
+            **robustness,
+        )
+    return {"head": name, "dir": str(Path(out_dir) / name), "val_macro_f1": val_metrics["macro_f1"],
+            "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "seconds": round(seconds, 3)}
