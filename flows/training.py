@@ -229,6 +229,24 @@ def _run_training_tasks(ex: Execution):
     return run
 
 
+def anchored(cfg: Config) -> Config:
+    """``cfg`` with every relative path and the default MLflow store made absolute, here: a task on a Dask worker
+    started in another folder must read and write the same files (and the same tracking store) as this process."""
+    from crossmodal.registry.tracking import resolve_tracking_uri
+
+    cfg = cfg.model_copy(deep=True)
+    for name in ("work", "cache", "reports", "summary"):
+        setattr(cfg.paths, name, str(Path(getattr(cfg.paths, name)).resolve()))
+    if cfg.data.data_root:
+        cfg.data.data_root = str(Path(cfg.data.data_root).resolve())
+    cfg.mlflow.artifact_root = str(Path(cfg.mlflow.artifact_root).resolve())
+    uri = resolve_tracking_uri(cfg.mlflow)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # a relative file: its absolute path
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    cfg.mlflow.tracking_uri = uri
+    return cfg
+
+
 def _run_dir(cfg: Config) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_id = (flow_run.get_id() or "local")[:8]
@@ -254,7 +272,7 @@ def training_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | 
     """
     from crossmodal.registry.live import LiveRun
 
-    cfg = load_config(params_path, overrides)
+    cfg = anchored(load_config(params_path, overrides))
     run_dir = _run_dir(cfg).resolve()
     manifest = str(Path(cfg.data.manifest).resolve())
     progress_dir = Path(progress_dir).resolve() if progress_dir else run_dir / PROGRESS_DIR
@@ -389,8 +407,8 @@ def train_flow(validated_path: str, image_path: str, text_path: str, out_dir: st
     task runner ``orchestration`` chooses, without the stage cache. Returns ``TrainResult.to_dict()``."""
     from crossmodal.training.train import train_all
 
-    cfg = load_config(params_path, overrides)
-    cache_dir = str(Path(cfg.paths.cache).resolve())
+    cfg = anchored(load_config(params_path, overrides))
+    cache_dir = cfg.paths.cache
     shared = [str(Path(out_dir).resolve().parent), cache_dir]
     with Execution(cfg.orchestration, dask_address, shared, [validated_path, image_path, text_path]) as ex:
         result = train_all(validated_path, image_path, text_path, cfg.train, out_dir, cfg.encoders, cache_dir,
