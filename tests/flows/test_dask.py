@@ -199,3 +199,20 @@ def test_a_worker_that_cannot_see_the_run_folders_is_named(tmp_path):
             return {"tcp://10.0.0.7:40123": fn(probes), "tcp://10.0.0.8:40123": fn(probes)}
 
     check_shared_storage(_Sees(), [cache, work], [__file__])  # every worker sees them: no error
+
+
+def test_the_flow_hands_workers_absolute_paths(tmp_path, monkeypatch):
+    from crossmodal.config import from_dict
+    from flows.training import anchored
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = anchored(from_dict({"data": {"data_root": "images"}, "mlflow": {"artifact_root": "mlflow/artifacts"}}))
+    assert cfg.paths.cache == str(tmp_path / ".cache" / "crossmodal") and cfg.paths.work == str(tmp_path / "work")
+    assert cfg.data.data_root == str(tmp_path / "images")
+    assert cfg.mlflow.artifact_root == str(tmp_path / "mlflow" / "artifacts")
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"  # the default store, here
+    relative = anchored(from_dict({"mlflow": {"tracking_uri": "sqlite:///runs.db"}}))
+    assert relative.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'runs.db'}"
+    served = anchored(from_dict({"mlflow": {"tracking_uri": "http://mlflow:5000"}}))
+    assert served.mlflow.tracking_uri == "http://mlflow:5000"
