@@ -5,8 +5,10 @@
         frame.to_parquet(tmp)
     write_json("reports/summary.json", {"rows": len(frame)})
 
-The temporary file sits in the destination's folder (so the rename is atomic) under a unique name (two writers
-never share one), is flushed to disk before the rename, and is removed if writing fails.
+The temporary file sits in the destination's folder (so the rename is atomic) under a unique name that carries the
+writer's host and pid (two writers never share one, and a sweep of a dead writer's leftovers on a folder several
+machines share can tell whose they are: ``crossmodal.features.shelf.sweep_stale_tmp``), is flushed to disk before
+the rename, and is removed if writing fails.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,13 +26,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "localhost"  # as it appears in temporary names
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; renamed onto ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = path.parent / f".{path.name}.@{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

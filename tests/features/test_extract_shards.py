@@ -27,7 +27,8 @@ from crossmodal.features import extract
 from crossmodal.features import extractor as embed
 from crossmodal.features.extract import encode_shard, extract_features, plan_shards, shared_extractor, shelf_dirs
 from crossmodal.features.extractor import FeatureExtractor
-from crossmodal.features.shelf import FOREIGN_TMP_SECONDS, HOST, Shelf
+from crossmodal.features.shelf import FOREIGN_TMP_SECONDS, Shelf
+from crossmodal.files import HOST
 
 ROWS, CHUNK = 20, 2
 # Row 19 repeats row 0's image, row 7 row 3's text, row 5 has no text: 19 distinct images, 18 distinct texts.

@@ -37,14 +37,12 @@ import logging
 import mmap
 import os
 import re
-import socket
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from crossmodal.files import HOST, atomic_path, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ OPEN_CHUNKS = 128  # chunks kept mapped while reading: each mapping holds a file
 # A temporary file of another host is swept once this old: no chunk takes that long to write, and its pid cannot
 # be checked from here.
 FOREIGN_TMP_SECONDS = 24 * 3600
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "localhost"  # as it appears in temporary names
 
 
 class ChunkGone(OSError):
@@ -101,31 +98,10 @@ def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- files
-@contextmanager
-def _shelf_tmp(path: Path) -> Iterator[Path]:
-    """Like ``crossmodal.files.atomic_path``, under a temporary name that also carries this host (see the module
-    docstring): a shelf is shared by machines, and a pid alone would let one host sweep another's file mid-write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.@{HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_chunk(path: Path, arr: np.ndarray) -> None:
     """One chunk's features, atomically: a killed run leaves either the whole file or none of it."""
-    with _shelf_tmp(path) as tmp, open(tmp, "wb") as fh:  # a handle: given a name, np.save appends ".npy"
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a handle: given a name, np.save appends ".npy"
         np.save(fh, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with _shelf_tmp(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def npy_shape(path: Path) -> tuple[int, ...] | None:
@@ -157,7 +133,7 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], int] | None:
 
 
 _TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{12}\.tmp$")  # crossmodal.files's temporary names carry the writer's pid
-_HOST_TMP = re.compile(r"^\..+\.@([A-Za-z0-9-]+)\.(\d+)\.[0-9a-f]{12}\.tmp$")  # _shelf_tmp's: host and pid
+_HOST_TMP = re.compile(r"^\..+\.@([A-Za-z0-9-]+)\.(\d+)\.[0-9a-f]{12}\.tmp$")  # with the writer's host, too
 
 
 def sweep_stale_tmp(folder: Path) -> None:
@@ -272,7 +248,7 @@ class Shelf:
         raw = keys.tobytes()
         name = hashlib.sha256(raw).hexdigest()
         write_chunk(self.root / f"{name}.npy", features)
-        _write_bytes(self.root / f"{name}.keys", raw)
+        write_bytes(self.root / f"{name}.keys", raw)
         self.dim = int(features.shape[1])
         self.names.append(name)
         self._counts.append(len(keys))
@@ -313,7 +289,7 @@ class Shelf:
         """Write ``shelf.json`` (what computes these features, and their width) unless it is there already."""
         path = self.root / SHELF_FILE
         if not path.is_file():
-            _write_bytes(path, (json.dumps({**meta, "dim": self.dim}, indent=2, sort_keys=True) + "\n").encode())
+            write_bytes(path, (json.dumps({**meta, "dim": self.dim}, indent=2, sort_keys=True) + "\n").encode())
 
     def chunk_keys(self, chunk: int) -> np.ndarray:
         """uint8 (n, 32): the item keys of chunk ``chunk``, in row order (read from its keys file)."""
