@@ -112,3 +112,21 @@ def tmp_files():
 def counting_extractor():
     """``counting_extractor(cfg, batch=3, fail_after=None)``: a stand-in extractor (see ``CountingExtractor``)."""
     return CountingExtractor
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    """The real MiniLM text encoder, loaded once."""
+    from crossmodal.encoders.registry import load_text_encoder
+
+    return load_text_encoder("all-MiniLM-L6-v2", "cpu")
+
+
+@pytest.fixture
+def fx(monkeypatch, text_encoder, tiny_encoder, cfg):
+    """A FeatureExtractor for the test module's ``cfg``: the tiny image encoder (as ``tiny_test``) and MiniLM."""
+    from crossmodal.encoders.registry import IMAGE_ENCODERS
+    from crossmodal.features.extractor import FeatureExtractor
+
+    monkeypatch.setitem(IMAGE_ENCODERS, "tiny_test", tiny_encoder.load)
+    return FeatureExtractor(cfg, image_encoder=tiny_encoder.load("tiny_test", "cpu"), text_encoder=text_encoder)

@@ -54,19 +54,6 @@ def table(tmp_path_factory) -> Path:
     return root / "validated.parquet"
 
 
-@pytest.fixture(scope="module")
-def text_encoder():
-    from crossmodal.encoders.registry import load_text_encoder
-
-    return load_text_encoder("all-MiniLM-L6-v2", "cpu")
-
-
-@pytest.fixture
-def fx(monkeypatch, text_encoder, tiny_encoder, cfg):
-    monkeypatch.setitem(IMAGE_ENCODERS, "tiny_test", tiny_encoder.load)
-    return FeatureExtractor(cfg, image_encoder=tiny_encoder.load("tiny_test", "cpu"), text_encoder=text_encoder)
-
-
 @pytest.fixture
 def reference(table, tmp_path_factory, fx, cfg):
     """Features of an uninterrupted run."""
