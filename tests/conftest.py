@@ -95,6 +95,25 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def stop_process_group():
+    """``stop_process_group(proc, timeout=20)``: SIGTERM the process group a test started (``start_new_session``),
+    then SIGKILL it if it has not ended within ``timeout`` seconds."""
+    import signal
+    import subprocess
+
+    def stop(proc, timeout: float = 20) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    return stop
+
+
+@pytest.fixture(scope="session")
 def free_port():
     """``free_port()``: a TCP port on 127.0.0.1 that nothing listens on now."""
     def free_port() -> int:

@@ -59,18 +59,8 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture
-def dask_cluster(tmp_path, free_port):
+def dask_cluster(tmp_path, free_port, stop_process_group):
     """A `dask scheduler` and two `dask worker --nthreads 1` processes on 127.0.0.1; yields the address."""
     from distributed import Client
 
@@ -88,7 +78,7 @@ def dask_cluster(tmp_path, free_port):
         yield address
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
 
 
 def _run(args: list[str], tmp_path: Path, env: dict, wait: bool = True) -> subprocess.Popen:

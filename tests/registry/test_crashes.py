@@ -189,7 +189,7 @@ def test_process_killed_during_training(tiny_run, worst_is_champion, mlflow_stor
 
 # ----------------------------------------------------------------------------- an unreachable tracking server
 @pytest.fixture
-def mlflow_server(tmp_path, free_port):
+def mlflow_server(tmp_path, free_port, stop_process_group):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
@@ -210,13 +210,7 @@ def mlflow_server(tmp_path, free_port):
             time.sleep(0.5)
 
     def stop():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, timeout=30)
 
     yield url, stop
     stop()

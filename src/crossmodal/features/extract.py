@@ -251,14 +251,11 @@ def extract_features(
     done, total)`` hears, per kind, how many of the distinct present items are ready (found in the store or
     encoded), once when the kind starts and after each encoded batch.
     """
-    if extractor is not None and extractor.cfg != cfg:
-        raise ValueError("extract_features: the extractor was built with another EncodersConfig than cfg")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    _check_call("extract_features", cfg, extractor, chunk_rows)
     df = _read_validated(validated_path)
     cache_dir = Path(cache_dir)
     device = resolve_device(cfg.device)
-    precision = precision_name(resolve_precision(cfg.precision, device))
+    precision = _precision(cfg)
     keys, headers = feature_keys(df, cfg, precision), _headers(cfg, precision)
     shelves = shelf_dirs(cache_dir, cfg, precision)
     fx = [extractor]  # created only if something must be encoded
@@ -343,6 +340,14 @@ def shared_extractor(cfg: EncodersConfig) -> FeatureExtractor:
         return fx
 
 
+def _check_call(caller: str, cfg: EncodersConfig, extractor: FeatureExtractor | None, chunk_rows: int) -> None:
+    """ValueError for a lent extractor built with another config, or a chunk size below one (a caller's bug)."""
+    if extractor is not None and extractor.cfg != cfg:
+        raise ValueError(f"{caller}: the extractor was built with another EncodersConfig than cfg")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+
+
 def _precision(cfg: EncodersConfig) -> str:
     """The precision the shelves are keyed by, as ``extract_features`` resolves it on this machine."""
     return precision_name(resolve_precision(cfg.precision, resolve_device(cfg.device)))
@@ -405,10 +410,7 @@ def encode_shard(
         raise ValueError(f"encode_shard: kind must be one of {KINDS}, got {kind!r}")
     if not 0 <= start < stop:
         raise ValueError(f"encode_shard: [{start}, {stop}) is not a range of distinct items")
-    if extractor is not None and extractor.cfg != cfg:
-        raise ValueError("encode_shard: the extractor was built with another EncodersConfig than cfg")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    _check_call("encode_shard", cfg, extractor, chunk_rows)
     df = _read_validated(validated_path)
     cache_dir = Path(cache_dir)
     precision = _precision(cfg)
