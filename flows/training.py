@@ -106,27 +106,35 @@ def _extract_cache_key(context, parameters: dict[str, Any]) -> str:
     """Content-addressed: the data hash and the encoder settings (not the per-run folder of the table)."""
     enc = json.dumps(parameters["encoders"], sort_keys=True)
     raw = f"{parameters['data_hash']}|{enc}|{Path(parameters['cache_dir']).resolve()}"
+    if parameters.get("augment"):  # the frozen heads' augmented views are part of the stage's output
+        raw += f"|{json.dumps(parameters['augment'], sort_keys=True)}"
     return "extract-" + hashlib.sha256(raw.encode()).hexdigest()
 
 
 @task(name="extract", task_run_name="extract", cache_key_fn=_extract_cache_key, persist_result=True, retries=1,
       retry_delay_seconds=2, retry_condition_fn=_transient)
 def extract_task(validated_path: str, data_hash: str, encoders: dict, cache_dir: str, force: bool = False,
-                 progress_dir: str | None = None, progress_bars: bool = True, private: str | None = None) -> dict:
-    """The assembled feature arrays, from the store the shards filled (what they left is encoded here)."""
+                 progress_dir: str | None = None, progress_bars: bool = True, private: str | None = None,
+                 augment: dict | None = None) -> dict:
+    """The assembled feature arrays, from the store the shards filled (what they left is encoded here); with
+    ``augment`` (``train.augment`` when the frozen heads train on views) also the training rows' views."""
+    from crossmodal.features.extract import extract_features, extract_views
+
     t0 = time.perf_counter()
-    cfg = from_dict({"encoders": encoders})
+    cfg = from_dict({"encoders": encoders, "train": {"augment": augment or {}}})
     write = event_writer(progress_dir, EXTRACT_EVENTS)
     on_progress = None if write is None else (
         lambda kind, done, total: write({"kind": kind, "done": done, "total": total}))
     if force:
         from crossmodal.pipeline.stages import force_extract
 
-        return {**force_extract(validated_path, cfg, cache_dir, progress_bars, on_progress, private), **ran(t0)}
-    from crossmodal.features.extract import extract_features
-
-    return {**extract_features(validated_path, cfg.encoders, cache_dir, progress=progress_bars,
-                               on_progress=on_progress).to_dict(), **ran(t0)}
+        out = force_extract(validated_path, cfg, cache_dir, progress_bars, on_progress, private)
+    else:
+        out = extract_features(validated_path, cfg.encoders, cache_dir, progress=progress_bars,
+                               on_progress=on_progress).to_dict()
+    if augment:
+        out["views"] = extract_views(validated_path, cfg.encoders, cfg.train.augment, cache_dir).to_dict()
+    return {**out, **ran(t0)}
 
 
 @task(name="train", task_run_name="{name}", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient)
@@ -385,6 +393,9 @@ def extract_stage(ex: Execution, validated: dict, cfg_dict: dict, cache_dir: str
         raise
     args = (path, validated["data_hash"], encoders, cache_dir)
     opts = {"progress_dir": progress_dir, "progress_bars": progress_bars, "private": store if force else None}
+    augment = cfg_dict["train"]["augment"]
+    if augment["views"] and augment["frozen"]:
+        opts["augment"] = augment
     # A forced run writes a fresh private store: Prefect's cache of an earlier extraction must not answer for it.
     extract = extract_task.with_options(refresh_cache=True) if force or futures else extract_task
     features, seen = _call(lambda _: None, ex, extract, *args, force=force, **opts)

@@ -65,6 +65,7 @@ PROGRESS_DIR = "progress"
 EVENTS_DIR = "pipeline"  # under PROGRESS_DIR; each holds <name>.jsonl files
 STAGE_EVENTS = "stages"
 EXTRACT_EVENTS = "extract"
+TUNE_EVENTS = "tune"  # crossmodal tune: one line per finished trial (flows.tuning)
 ENTRY_FILE = "entry.json"
 SUMMARY_FILE = "summary.json"
 

@@ -1,6 +1,7 @@
 """The ``crossmodal`` command: one command per stage, ``run`` for the whole Prefect flow, registry and schedule.
 
     crossmodal run --manifest data/products/manifest.csv --text-column title
+    crossmodal tune --manifest data/demo/manifest.csv --trials 20     # then: crossmodal run --params tuned.yaml
     crossmodal predict --manifest data/new/manifest.csv --out predictions.parquet
     crossmodal promote --version 3 --reason "fixes the night-time photos"
     crossmodal rollback
@@ -334,6 +335,69 @@ def run(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), d
         extra["mlflow.experiment"] = experiment
     _, overrides = _config(params, manifest, data_root, cols, extra, sets=set_)  # checked before Prefect starts
     _run_flow(overrides, params, summary, force, plain, verbose, dask_address=dask_address)
+
+
+@app.command()
+def tune(manifest: ManifestOpt = None, params: ParamsOpt = Path("params.yaml"), data_root: DataRootOpt = None,
+         image_column: ColOpt = None, text_column: ColOpt = None, label_column: ColOpt = None,
+         id_column: ColOpt = None, split_column: ColOpt = None, group_column: ColOpt = None,
+         trials: Annotated[int, typer.Option(min=1, help="Trials in all, the heads taking turns; each head's "
+                                                         "first is its current settings.")] = 20,
+         timeout: Annotated[float | None, typer.Option(min=1, help="Seconds of search after which no trial "
+                                                                   "starts (those running finish).")] = None,
+         heads: Annotated[str | None, typer.Option(help="Comma-separated heads to tune (default: the loop-trained "
+                                                        "heads of train.heads and the two unimodal ones).")] = None,
+         out: Annotated[Path, typer.Option(help="The params file to write: the configuration read, with the best "
+                                                "settings per head as train.head_params.")] = Path("tuned.yaml"),
+         epochs: Annotated[int | None, typer.Option(help="Most epochs per trial (train.max_epochs).")] = None,
+         plain: PlainOpt = False, verbose: VerboseOpt = False, dask_address: DaskAddressOpt = None,
+         set_: SetOpt = None) -> None:
+    """Search each frozen-feature head's hidden size, dropout, learning rate, weight decay, batch size, modality
+    dropout and patience (Optuna TPE, median pruning) on validation macro-F1; every trial a task, as in `run`.
+
+    Writes --out, which `crossmodal run --params tuned.yaml` reads; the search is an MLflow run with one nested run
+    per trial (experiment <mlflow.experiment>-tune)."""
+    import shutil
+    import time
+
+    from crossmodal.artifacts import PROGRESS_DIR
+    from crossmodal.config import load_config
+    from crossmodal.console.chatter import quiet_libraries
+    from crossmodal.console.preflight import RUN_OPTIONS, check_inputs
+    from crossmodal.console.terminal import Terminal
+    from crossmodal.console.tuning import TrialLines, tune_rows
+
+    cols = _columns(image_column, text_column, label_column, id_column, split_column, group_column)
+    _, overrides = _config(params, manifest, data_root, cols, {} if epochs is None else {"train.max_epochs": epochs},
+                           sets=set_)
+    cfg = _guard(load_config, params, overrides)
+    _guard(check_inputs, cfg, options=RUN_OPTIONS)  # before any server starts
+    if heads is not None:
+        from crossmodal.training.tuning import check_heads
+
+        names = _guard(check_heads, [h.strip() for h in heads.split(",") if h.strip()])
+    else:
+        names = None
+    term = Terminal(plain=plain, verbose=verbose)
+    stamp = f"tune-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    progress_dir = Path(cfg.paths.work).resolve() / PROGRESS_DIR / stamp
+
+    def flow() -> dict:
+        with quiet_libraries(term.warn, verbose=verbose):
+            from flows.tuning import run_tune
+
+            with TrialLines(progress_dir, term):
+                return run_tune(str(params), overrides, str(out.resolve()), trials, timeout, names,
+                                str(progress_dir), dask_address)
+
+    try:
+        result = _guard(flow)
+    finally:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    _print_table(*tune_rows(result))
+    typer.echo(f"{sum(h['trials'] for h in result['heads'].values())} trials in {result['search_seconds']:.0f} s; "
+               f"wrote {out} (crossmodal run --params {out}); MLflow run {result['mlflow']['run_id']} in experiment "
+               f"{result['mlflow']['experiment']}")
 
 
 @app.command()

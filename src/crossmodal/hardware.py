@@ -96,6 +96,11 @@ def precision_name(dtype: torch.dtype | None) -> str:
 # LOADER_BATCH images, so the workers hand over few, large batches.
 AUTO_BATCH = {("image", "cpu"): 8, ("image", "gpu"): 256, ("text", "cpu"): 64, ("text", "gpu"): 512}
 LOADER_BATCH = 32
+# ``train.finetune``'s ``auto`` budget (``crossmodal.training.finetune.resolve_budget``): on a CPU, what keeps the
+# demo's fine-tuning within its share of a few minutes on two cores (docs/heads.md); on a CUDA GPU, the image
+# encoder's own 224 px, every training row and more epochs.
+FINETUNE_BUDGET = {"cpu": {"epochs": 8, "max_train_rows": 2000, "image_size": 96},
+                   "gpu": {"epochs": 15, "max_train_rows": None, "image_size": 224}}
 
 
 def usable_cores() -> int:
@@ -110,6 +115,11 @@ def auto_batch_size(kind: str, setting: int | str, device: torch.device) -> int:
     if setting != "auto":
         return int(setting)
     return AUTO_BATCH[(kind, "gpu" if device.type in ("cuda", "mps") else "cpu")]
+
+
+def finetune_budget(device: torch.device) -> dict[str, int | None]:
+    """What ``auto`` means for ``train.finetune.epochs``, ``max_train_rows`` and ``image_size`` on ``device``."""
+    return dict(FINETUNE_BUDGET["gpu" if device.type == "cuda" else "cpu"])
 
 
 def auto_num_workers(setting: int | str, device: torch.device, n_items: int, batch_size: int) -> int:

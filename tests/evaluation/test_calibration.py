@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal.evaluation.calibration import apply_temperature, fit_temperature, temperature_nll
+from crossmodal.evaluation.calibration import (
+    apply_temperature,
+    fit_temperature,
+    guarded_temperature,
+    temperature_nll,
+)
 from crossmodal.evaluation.metrics import expected_calibration_error, reliability_bins
 
 
@@ -32,6 +37,36 @@ def test_over_confident_model_gets_t_above_one_and_better_nll_and_ece():
     calibrated = apply_temperature(p_test, t)
     assert expected_calibration_error(y_test, calibrated) < 0.05 < expected_calibration_error(y_test, p_test)
     assert np.array_equal(calibrated.argmax(1), p_test.argmax(1))  # the decision never changes
+
+
+def two_groups(n: int, seed: int):
+    """80 % of rows calibrated at 0.9, 20 % at 0.999 but right only 70 % of the time: the NLL-optimal T softens
+    both groups, so the calibrated group becomes under-confident and the ECE gets worse."""
+    rng = np.random.default_rng(seed)
+    y, odd = rng.integers(0, 3, n), rng.random(n) < 0.2
+    confidence = np.where(odd, 0.999, 0.9)
+    pred = np.where(rng.random(n) < np.where(odd, 0.7, 0.9), y, (y + rng.integers(1, 3, n)) % 3)
+    proba = np.tile(((1 - confidence) / 2)[:, None], (1, 3))
+    proba[np.arange(n), pred] = confidence
+    return y, proba
+
+
+def test_the_guard_keeps_a_temperature_that_helps_on_held_out_rows():
+    y, p = synthetic(600, accuracy=0.7, confidence=0.98, seed=0)
+    guard = guarded_temperature(y, p)
+    assert guard["accepted"] and guard["temperature"] == guard["fitted"] > 1.5
+    assert all(after < before for before, after in guard["heldout_ece"])
+
+
+def test_the_guard_rejects_a_temperature_that_makes_calibration_worse():
+    y, p = two_groups(600, seed=0)
+    guard = guarded_temperature(y, p)
+    assert guard["fitted"] > 1.5 and not guard["accepted"] and guard["temperature"] == 1.0
+    y_test, p_test = two_groups(3000, seed=1)  # new rows agree: the fitted T would have doubled the ECE
+    assert expected_calibration_error(y_test, apply_temperature(p_test, guard["fitted"])) > \
+        2 * expected_calibration_error(y_test, p_test)
+    few = guarded_temperature(*synthetic(30, accuracy=0.7, confidence=0.98, seed=0))
+    assert not few["accepted"] and "fewer than" in few["reason"]
 
 
 def test_under_confident_model_gets_t_below_one():

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
+from crossmodal.config import TrainConfig
 from crossmodal.evaluation.evaluate import evaluate_all
 from crossmodal.evaluation.metrics import compute_metrics
 from crossmodal.evaluation.tables import comparison_table
+from crossmodal.heads.registry import HEADS
 from crossmodal.training.train import train_all
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -119,7 +120,8 @@ def trained(tmp_path_factory):
     )
     np.save(root / "image.npy", image)
     np.save(root / "text.npy", text)
-    deep = [h for h in HEAD_NAMES if h not in TRADITIONAL_HEADS + FINETUNED_HEADS]  # features only
+    # The heads on frozen features that are chosen on validation (the ensemble and the probe: test_ensemble.py)
+    deep = [h for h in HEADS if h != "linear_probe"]
     cfg = TrainConfig(hidden_dim=16, max_epochs=5, patience=3, lr=5e-3, heads=deep, stacking={"folds": 3},
                       finetune={"enabled": False})
     train_all(root / "validated.parquet", root / "image.npy", root / "text.npy", cfg, root / "train")

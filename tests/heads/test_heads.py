@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, TrainConfig
+from crossmodal.config import ENSEMBLE_HEADS, FINETUNED_HEADS, HEAD_NAMES, RNN_HEADS, TRADITIONAL_HEADS, TrainConfig
 from crossmodal.errors import TrainError
 from crossmodal.heads.attention import NUM_HEADS, model_dim_for
 from crossmodal.heads.common import Standardize
@@ -26,7 +26,8 @@ def _features(n=40, seed=0):
 
 
 def test_registry_matches_config_and_declares_modality():
-    assert set(HEADS) == set(HEAD_NAMES) - set(TRADITIONAL_HEADS) - set(FINETUNED_HEADS)
+    assert set(HEADS) == (set(HEAD_NAMES) - set(TRADITIONAL_HEADS) - set(FINETUNED_HEADS) - set(ENSEMBLE_HEADS)
+                          - set(RNN_HEADS))
     assert HEADS["image_only"].modality == "image"
     assert HEADS["text_only"].modality == "text"
     assert {HEADS[n].modality for n in MODULE_HEADS if n not in ("image_only", "text_only")} == {"fusion"}

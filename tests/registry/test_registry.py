@@ -31,10 +31,12 @@ def test_publish_logs_runs_registers_and_promotes(tiny_run, mlflow_store, tmp_pa
     assert {"stacking", "traditional_text", "traditional_image", "traditional_concat"} <= set(saved["heads"])
     for head, entry in saved["heads"].items():  # the keys scripts read
         assert {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family"} <= set(entry)
-        expected = "traditional" if head.startswith("traditional_") else "finetuned" if head == "finetune_xattn" else "frozen"
+        expected = ("traditional" if head.startswith("traditional_") else
+                    {"finetune_xattn": "finetuned", "linear_probe": "baseline", "ensemble": "ensemble",
+                     "cnn_rnn": "rnn"}.get(head, "frozen"))
         assert entry["family"] == expected
         assert 0 <= entry["ece_calibrated"] <= 1 and entry["temperature"] > 0
-    assert saved["heads"][saved["registered_head"]]["family"] in ("frozen", "finetuned")
+    assert saved["heads"][saved["registered_head"]]["family"] in ("frozen", "finetuned", "ensemble", "rnn")
     assert saved["best_traditional"].startswith("traditional_")
     rows = saved["rows"]
     assert rows["in"] == rows["kept"] + rows["quarantined"] and rows["quarantined"] > 0

@@ -30,8 +30,10 @@ from rich.table import Table
 from rich.text import Text
 
 from crossmodal.artifacts import EXTRACT_EVENTS, STAGE_EVENTS
-from crossmodal.config import FINETUNED_HEADS, TRADITIONAL_HEADS, Config
+from crossmodal.config import FINETUNED_HEADS, RNN_HEADS, TRADITIONAL_HEADS, Config
 from crossmodal.console.terminal import Terminal
+from crossmodal.errors import ConfigError
+from crossmodal.hardware import finetune_budget, resolve_device
 from crossmodal.training.progress import ProgressTail, events_dir
 
 STAGES = ("validate", "extract", "train", "evaluate", "publish")
@@ -50,10 +52,24 @@ def head_plan(cfg: Config) -> dict[str, int | None]:
     for name in train.heads:
         if name in FINETUNED_HEADS:
             if train.finetune.enabled:
-                plan[name] = train.finetune.epochs
+                plan[name] = _finetune_epochs(cfg)
+        elif name in RNN_HEADS:
+            plan[name] = train.cnn_rnn.epochs
         else:
             plan[name] = None if name in TRADITIONAL_HEADS else train.max_epochs
     return plan
+
+
+def _finetune_epochs(cfg: Config) -> int:
+    """``train.finetune.epochs``, its ``auto`` resolved for the device the run fine-tunes on."""
+    epochs = cfg.train.finetune.epochs
+    if epochs != "auto":
+        return epochs
+    try:
+        device = resolve_device(cfg.encoders.device)
+    except ConfigError:  # the run itself says so; the display only needs a number to draw
+        device = resolve_device("cpu")
+    return finetune_budget(device)["epochs"]
 
 
 @dataclass

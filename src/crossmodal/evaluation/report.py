@@ -337,7 +337,7 @@ def _removed_probabilities(head: str, family: str | None, models_dir: Path, pred
     recomputed from the run's frozen features (a head trained before predictions.npz held them)."""
     if "test_proba_missing_image" in pred and "test_proba_missing_text" in pred:
         return pred["test_proba_missing_image"], pred["test_proba_missing_text"], None
-    if family != "frozen" or not (models_dir / head / WEIGHTS_FILE).is_file():
+    if family not in ("frozen", "baseline", "ensemble") or not (models_dir / head / WEIGHTS_FILE).is_file():
         return None, None, (f"{head}'s predictions lack the test rows with a modality removed, and only a "
                             "frozen-feature head can be run again on the features")
     paths = [(features or {}).get(k) for k in ("image_path", "text_path")]

@@ -27,7 +27,7 @@ def robustness_table(metrics: dict) -> str:
 def comparison_table(metrics: dict) -> str:
     """Fixed-width table of test metrics, best test macro-F1 first, and the fusion-gain line.
 
-    ``family`` (traditional / frozen / finetuned) and ``kind`` (fusion / unimodal) put baselines and deep heads,
+    ``family`` (traditional / baseline / frozen / ensemble / finetuned) and ``kind`` (fusion / unimodal) put baselines and deep heads,
     unimodal and fused, side by side; ``ECE-cal`` is the test ECE after temperature scaling.
     """
 
@@ -40,7 +40,12 @@ def comparison_table(metrics: dict) -> str:
         return -1.0 if f1 is None else f1
 
     rows = sorted(heads, key=test_f1, reverse=True)  # stable: ties keep the registry order
-    width = max([len("head")] + [len(n) for n in rows])
+
+    def label(name):  # a traditional baseline says which features and projection it used
+        variant = heads[name].get("variant")
+        return f"{name} [{variant}]" if variant else name
+
+    width = max([len("head")] + [len(label(n)) for n in rows])
     header = (f"{'head':<{width}}  {'family':<11}  {'kind':<8}  {'accuracy':>8}  {'macro-F1':>8}  {'AUC-ROC':>8}  "
               f"{'ECE':>8}  {'ECE-cal':>8}")
     lines = [header]
@@ -51,7 +56,7 @@ def comparison_table(metrics: dict) -> str:
         family = heads[n].get("family", "frozen")
         cells = [fmt(t["accuracy"]), fmt(t["macro_f1"]), fmt(t["roc_auc"]), fmt(t.get("ece")),
                  fmt(heads[n].get("ece_calibrated"))]
-        lines.append(f"{n:<{width}}  {family:<11}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
+        lines.append(f"{label(n):<{width}}  {family:<11}  {kind:<8}  " + "  ".join(f"{c:>8}" for c in cells))
     fusion, unimodal, gain = metrics.get("best_fusion"), metrics.get("best_unimodal"), metrics.get("fusion_gain_macro_f1")
     if fusion and unimodal and gain is not None:
         verb = "beats" if gain >= 0 else "trails"
@@ -59,4 +64,8 @@ def comparison_table(metrics: dict) -> str:
         lines.append(f"best fusion {fusion} {verb} best unimodal {unimodal} by {points} macro-F1 points (test)")
     else:
         lines.append("fusion gain: n/a (needs at least one fusion head and one unimodal head with test rows)")
+    probe_gain = metrics.get("fusion_gain_over_linear_probe")
+    if fusion and probe_gain is not None:
+        verb = "beats" if probe_gain >= 0 else "trails"
+        lines.append(f"best fusion {fusion} {verb} linear_probe by {100 * probe_gain:+.1f} macro-F1 points (test)")
     return "\n".join(lines)

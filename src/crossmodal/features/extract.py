@@ -43,6 +43,18 @@ for its own device: planning, shards and assembly meet in one shelf across CPUs 
     shards = plan_shards(validated, cfg, cache, shard_items=2048)   # [{"kind": "image", "start": 0, ...}, ...]
     done = [encode_shard(validated, cfg, cache, s["kind"], s["start"], s["stop"]) for s in shards]  # anywhere
     res = extract_features(validated, cfg, cache)                    # encodes nothing, assembles
+
+Augmented views (``train.augment`` with ``frozen: true``; ``crossmodal.data.augment``): ``extract_views`` encodes
+K views of each training row's image and text into the same shelves, for the frozen-feature heads to train on::
+
+    views = extract_views(validated, cfg, AugmentConfig(views=2, frozen=True), cache)
+    views.image_path, views.text_path   # float32 (K, n_train, dim) .npy: view k of the train rows, in table order
+
+An image view is keyed by the sha256 of (the image augmentation settings and seed, the view number, the image's
+sha256); a text view by its augmented text itself, as any text (identical strings have identical features). The
+assembled ``<kind>/views-<key>.npy`` is keyed by the shelf's settings, the augmentation settings and the ordered
+training items, so an unchanged table and setting reads it without loading an encoder. Validation and test rows
+get no views.
 """
 
 from __future__ import annotations
@@ -64,7 +76,7 @@ from typing import Any
 import numpy as np
 
 from crossmodal.artifacts import FEATURES_FILE, IMAGE_FEATURES_FILE, TEXT_FEATURES_FILE
-from crossmodal.config import EncodersConfig
+from crossmodal.config import AugmentConfig, EncodersConfig
 from crossmodal.data.validated import read_validated
 from crossmodal.encoders.registry import canonical_name
 from crossmodal.errors import ConfigError, FeatureError
@@ -80,7 +92,7 @@ from crossmodal.features.shelf import (
     text_keys,
 )
 from crossmodal.files import atomic_path, write_json
-from crossmodal.hardware import precision_name, resolve_device, resolve_precision
+from crossmodal.hardware import cpu_threads, precision_name, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +331,172 @@ def extract_features(
             "image_size": cfg.image.image_size, "max_length": cfg.text.max_length,
         })
     return result
+
+
+# --------------------------------------------------------------------------- augmented views
+VIEWS_PREFIX = "views-"  # <cache>/<kind>/views-<key>.npy: the assembled views of a table's training rows
+
+
+@dataclass
+class ViewResult:
+    image_path: Path  # float32 (views, train rows, image_dim) .npy
+    text_path: Path
+    views: int
+    rows: int  # training rows, in validated.parquet order
+    encoded: dict[str, int] = field(default_factory=dict)  # distinct views encoded by this call
+    reused: dict[str, int] = field(default_factory=dict)  # distinct views found in the store
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_path"], d["text_path"] = str(self.image_path), str(self.text_path)
+        return d
+
+
+def _view_headers(cfg: EncodersConfig, augment: AugmentConfig, precision: str) -> dict[str, dict]:
+    return {kind: {**header, "views": augment.views, "augment": getattr(augment, kind).model_dump(mode="json"),
+                   "seed": augment.seed} for kind, header in _headers(cfg, precision).items()}
+
+
+def view_keys(df, cfg: EncodersConfig, augment: AugmentConfig, precision: str) -> dict[str, str]:
+    """The keys of the assembled views of table ``df``'s training rows (``extract_views``)."""
+    train = df[df["split"].astype(str).to_numpy() == "train"]
+    return {kind: _key(header, _items(train, kind)) for kind, header in _view_headers(cfg, augment,
+                                                                                     precision).items()}
+
+
+def extract_views(validated_path: str | Path, cfg: EncodersConfig, augment: AugmentConfig, cache_dir: str | Path, *,
+                  extractor: FeatureExtractor | None = None, progress: bool = False) -> ViewResult:
+    """Features of ``augment.views`` augmented views of each training row's image and text, from the store where it
+    has them (see the module docstring); absent images or texts get NaN rows, as in ``extract_features``."""
+    from crossmodal.data.augment import text_key, text_view, view_seed
+    from crossmodal.data.text import clean_text
+
+    if augment.views < 1:
+        raise ValueError("extract_views: train.augment.views is 0 (augmentation is off)")
+    _check_call("extract_views", cfg, extractor, CHUNK_ROWS)
+    df = read_validated(validated_path, (*REQUIRED_COLUMNS, "split"), FeatureError)
+    train = df[df["split"].astype(str).to_numpy() == "train"].reset_index(drop=True)
+    cache_dir = Path(cache_dir)
+    precision = _precision(cfg)
+    keys, shelves = view_keys(df, cfg, augment, precision), shelf_dirs(cache_dir, cfg, precision)
+    headers = _view_headers(cfg, augment, precision)
+    fx = [extractor]
+
+    def get_fx() -> FeatureExtractor:
+        if fx[0] is None:
+            fx[0] = FeatureExtractor(cfg)
+        return fx[0]
+
+    k, n = augment.views, len(train)
+    paths, encoded, reused, seconds = {}, {}, {}, {}
+    for kind in KINDS:
+        final = paths[kind] = cache_dir / kind / f"{VIEWS_PREFIX}{keys[kind]}.npy"
+        shape = npy_shape(final)
+        if shape is not None and shape[:2] == (k, n):
+            encoded[kind], reused[kind] = 0, k * n
+            log.info("%s views: cache hit %s", kind, final)
+            continue
+        t0 = time.perf_counter()
+        present = np.flatnonzero(~_missing(train[kind]))
+        if kind == "image":
+            settings = json.dumps({"augment": augment.image.model_dump(mode="json"), "seed": augment.seed},
+                                  sort_keys=True).encode()
+            shas = train["image_sha256"].to_numpy()[present].tolist()
+            raw = b"".join(hashlib.sha256(b"view\x00" + settings + v.to_bytes(4, "little") + bytes.fromhex(h))
+                           .digest() for v in range(1, k + 1) for h in shas)
+            item_keys = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 32)
+            sources = [(v, int(r)) for v in range(1, k + 1) for r in present]
+        else:
+            texts = [clean_text(t).encode("utf-8", "replace").decode("utf-8")
+                     for t in train["text"].to_numpy()[present].tolist()]
+            unk = getattr(get_fx().text_encoder.tokenizer, "unk_token", None) or "[UNK]"
+            sources = [text_view(t, augment.text, view_seed(text_key(t), v, augment.seed), v, unk)
+                       for v in range(1, k + 1) for t in texts]
+            item_keys = text_keys(sources)
+        first, code = distinct(item_keys)
+        shelf = Shelf.open(shelves[kind])
+        try:
+            chunk, row = shelf.find(item_keys[first])
+            todo = np.flatnonzero(chunk < 0)
+            log.info("%s views: %d distinct, %d in the store, encoding %d", kind, len(first), len(first) - len(todo),
+                     len(todo))
+            for c0 in range(0, len(todo), CHUNK_ROWS):
+                part = todo[c0 : c0 + CHUNK_ROWS]
+                wanted = [sources[i] for i in first[part]]
+                feats = (_image_view_features(get_fx(), train, wanted, augment, progress) if kind == "image"
+                         else np.concatenate(list(get_fx().iter_text_features(wanted, progress=progress,
+                                                                              chunk=len(wanted)))))
+                chunk[part] = shelf.add(item_keys[first[part]], feats)
+                row[part] = np.arange(len(part))
+            dim = shelf.dim if shelf.dim is not None else (get_fx().image_dim if kind == "image"
+                                                           else get_fx().text_dim)
+            out = np.full((k * n, dim), np.nan, dtype=np.float32)
+            at = (np.arange(k)[:, None] * n + present[None, :]).ravel()  # view-major, as the items were listed
+            got = np.empty((len(first), dim), dtype=np.float32)
+            for c in np.unique(chunk):
+                sel = np.flatnonzero(chunk == c)
+                got[sel] = shelf.rows(int(c))[row[sel]]
+            out[at] = got[code]
+            with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, out.reshape(k, n, dim), allow_pickle=False)
+            if shelf.dim is not None:
+                shelf.describe({**_headers(cfg, precision)[kind], "encoder_name": getattr(cfg, kind).name})
+            write_json(final.with_suffix(".json"), sort_keys=True, obj={
+                "key": keys[kind], "kind": kind, "views": k, "rows": n, "dim": int(dim), "header": headers[kind],
+                "encoded": int(len(todo)), "source": str(Path(validated_path).resolve())})
+        except OSError as err:
+            raise _disk_error(err, cache_dir, f"{kind} views") from None
+        finally:
+            shelf.close()
+        encoded[kind], reused[kind] = int(len(todo)), int(len(first) - len(todo))
+        seconds[kind] = round(time.perf_counter() - t0, 3)
+        log.info("%s views: (%d, %d, %d), %d encoded, in %.1f s -> %s", kind, k, n, dim, encoded[kind],
+                 seconds[kind], final)
+    return ViewResult(paths["image"], paths["text"], k, n, encoded, reused, seconds)
+
+
+def _image_view_features(fx: FeatureExtractor, train, wanted: list[tuple[int, int]], augment: AugmentConfig,
+                         progress: bool) -> np.ndarray:
+    """Features of image views ``wanted`` ((view, training row) pairs): decoded, augmented and encoded in batches,
+    on a thread per core on a CPU (as ``FeatureExtractor``), each on one torch thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from crossmodal.data.augment import image_view, view_seed
+    from crossmodal.data.images import ImageError, load_image
+
+    size, bs = fx.cfg.image.image_size, fx.image_batch_size
+    sources, shas, ids = (train[c].to_numpy() for c in ("image", "image_sha256", "id"))
+
+    def one_batch(start: int) -> np.ndarray:
+        xs = []
+        for view, r in wanted[start : start + bs]:
+            try:
+                img = load_image(sources[r], fx.max_pixels)
+            except ImageError as err:
+                raise FeatureError(f"row id {ids[r]!r}: {err}; re-run `crossmodal validate` to quarantine it") from None
+            xs.append(image_view(img, size, augment.image, view_seed(shas[r], view, augment.seed), view))
+        return fx.forward_images(torch.stack(xs))
+
+    starts = range(0, len(wanted), bs)
+    threads = cpu_threads(fx.cfg.num_workers, fx.device, len(wanted), bs)
+    if not threads:
+        return np.concatenate([one_batch(s) for s in starts])
+    with ThreadPoolExecutor(threads, thread_name_prefix="crossmodal-views", initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool, _progress(len(wanted), progress) as bar:
+        out = []
+        for feats in pool.map(one_batch, starts):
+            out.append(feats)
+            bar.update(len(feats))
+        return np.concatenate(out)
+
+
+def _progress(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not show, desc="image views", unit="img", dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- shards

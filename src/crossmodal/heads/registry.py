@@ -24,10 +24,12 @@ from torch import nn
 from crossmodal.config import HEAD_NAMES
 from crossmodal.heads.add import AddHead
 from crossmodal.heads.attention import AttentionHead
+from crossmodal.heads.averaged import AveragedHead
 from crossmodal.heads.common import Standardize, feature_statistics
 from crossmodal.heads.concat import ConcatHead
 from crossmodal.heads.gated import GatedHead
 from crossmodal.heads.late import LateFusionHead
+from crossmodal.heads.linear import LinearProbeHead
 from crossmodal.heads.stacking import StackingHead
 from crossmodal.heads.unimodal import ImageOnlyHead, TextOnlyHead
 
@@ -43,7 +45,10 @@ HEADS: dict[str, type[nn.Module]] = {
     "late": LateFusionHead,
     "attention": AttentionHead,
     "stacking": StackingHead,
+    "linear_probe": LinearProbeHead,
 }
+# Not in HEADS: "ensemble" is an AveragedHead of other heads, rebuilt from its members' init_args (build_head).
+# Nor "cnn_rnn" (crossmodal.heads.cnn_rnn): it reads word pieces, not the frozen text features these heads take.
 # Every nn.Module head is a named head; the traditional baselines (crossmodal.training.traditional) are not nn.Modules.
 assert set(HEADS) <= set(HEAD_NAMES), "every HEADS entry must be named in config.HEAD_NAMES"
 
@@ -61,8 +66,21 @@ def build_head(
 ) -> nn.Module:
     """Create head ``name``; sizes from ``cfg`` (or the explicit keywords, which win, as in ``init_args``).
 
-    ``extra`` holds a head's own arguments beyond the shared ones (e.g. stacking's ``meta``).
+    ``extra`` holds a head's own arguments beyond the shared ones (e.g. stacking's ``meta``). Averaged heads
+    (``crossmodal.heads.averaged``): ``seeds=K`` rebuilds K copies of head ``name`` bagged with equal weights;
+    ``name="ensemble"`` with ``members`` (their init_args) and ``weights`` rebuilds an ensemble.
     """
+    if name == "ensemble":
+        members = [build_head(**args) for args in extra["members"]]
+        return AveragedHead(members, list(extra["weights"]), {
+            "name": name, "image_dim": int(image_dim), "text_dim": int(text_dim), "num_classes": int(num_classes),
+            "hidden_dim": int(hidden_dim or 0), "dropout": float(dropout or 0.0),
+            "members": list(extra["members"]), "weights": [float(w) for w in extra["weights"]]})
+    seeds = int(extra.pop("seeds", 1))
+    if seeds > 1:
+        members = [build_head(name, image_dim, text_dim, num_classes, cfg, hidden_dim=hidden_dim, dropout=dropout,
+                              **extra) for _ in range(seeds)]
+        return AveragedHead(members, [1.0] * seeds, {**members[0].init_args, "seeds": seeds})
     if name not in HEADS:
         raise ValueError(f"unknown fusion head {name!r}; choose from {list(HEADS)} (traditional_* heads are "
                          "scikit-learn baselines: see crossmodal.training.traditional)")

@@ -57,6 +57,11 @@ def version_description(metrics: dict[str, Any], head: str, decision: dict[str, 
     test = entry.get("test") or {}
     family = entry.get("family", "frozen")
     kind = "fine-tuned end to end" if family == "finetuned" else "on frozen encoder features"
+    if family == "rnn":  # cnn_rnn: it reads word pieces, not the text encoder's pooled features
+        kind = "an RNN on the text encoder's word pieces fused with an MLP on the frozen image features"
+    if family == "ensemble" and entry.get("members"):
+        mix = ", ".join(f"`{name}` {share:.0%}" for name, share in entry["members"].items())
+        kind = f"an ensemble of {mix}, {kind}"
     scores = ", ".join(f"{label} {_score(test.get(key))}" for key, label in _METRIC_NAMES if key in test)
     rows = f" ({test['n']:,} rows)" if isinstance(test.get("n"), int) else ""
     return (f"Head `{head}`: predicts from {_MODALITY.get(entry.get('modality', 'fusion'), 'image and text')}, "

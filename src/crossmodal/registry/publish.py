@@ -11,6 +11,7 @@ written as JSON for scripts and schedulers::
     {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
      "modality", "missing_text", "missing_image"}}, "best_fusion", "best_unimodal", "best_head",
      "registered_head", "best_traditional", "selection_metric", "fusion_gain_macro_f1",
+     "fusion_gain_over_linear_probe",
      "rows": {"in", "kept", "quarantined", "quarantine_file", "validated_file", "split_counts", "split_source"},
      "features": {"image": {"encoded", "reused"}, "text": {"encoded", "reused"}} (distinct items; null when the
                  extraction result is not passed in, as from ``crossmodal register``),
@@ -108,6 +109,10 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         # missing_text / missing_image: the same metrics with one modality removed from every test row
         heads[head].update({k: m.get(k) for k in ("family", "modality", "ece_calibrated", "temperature",
                                                   "missing_text", "missing_image")})
+        heads[head]["calibration_accepted"] = (m.get("calibration") or {}).get("accepted")
+        for key in ("variant", "members"):  # a traditional baseline's features; the ensemble's member weights
+            if m.get(key) is not None:
+                heads[head][key] = m[key]
         if "processes" in m:
             heads[head]["processes"] = m["processes"]
     return {
@@ -119,6 +124,7 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         "best_traditional": metrics.get("best_traditional"),
         "selection_metric": metrics.get("selection_metric", "macro_f1"),
         "fusion_gain_macro_f1": metrics.get("fusion_gain_macro_f1"),
+        "fusion_gain_over_linear_probe": metrics.get("fusion_gain_over_linear_probe"),
         "rows": {"in": validation["rows_in"], "kept": validation["rows_kept"],
                  "quarantined": validation["rows_quarantined"], "quarantine_file": quarantine_file,
                  "validated_file": validated_file, "split_counts": validation.get("split_counts"),

@@ -368,9 +368,8 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
         best_metrics = metrics["heads"][best]
         _log_metrics(client, run_id, best_metrics.get("test") or {}, "test_")
         _log_metrics(client, run_id, best_metrics.get("val") or {}, "val_")
-        gain = metrics.get("fusion_gain_macro_f1")
-        if gain is not None:
-            _log_metrics(client, run_id, {"fusion_gain_macro_f1": gain})
+        _log_metrics(client, run_id, {k: metrics.get(k) for k in ("fusion_gain_macro_f1",
+                                                                   "fusion_gain_over_linear_probe")})
         for name in (QUARANTINE_FILE, VALIDATION_FILE):
             client.log_artifact(run_id, str(validated_dir / name), "data")
         if (validated_dir / DATA_DOCS_DIR).exists():

@@ -17,6 +17,9 @@ class's probability when that modality is removed (over REST: ``{"params": {"att
 refused unless the model was logged with ``serving.allowed_image_root``, and then read only when they resolve
 (``..`` and symlinks included) inside that folder; a bad row is a :class:`PredictionInputError` (HTTP 400 when
 served).
+
+:meth:`FusedModel.load` returns the variant a head needs: :class:`FinetunedFusedModel` for the fine-tuned head,
+:class:`CnnRnnFusedModel` for ``cnn_rnn`` (image features and the texts' word pieces), same interface.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
 from crossmodal.artifacts import MODEL_FILE
-from crossmodal.config import FINETUNED_HEADS, EncodersConfig
+from crossmodal.config import FINETUNED_HEADS, RNN_HEADS, EncodersConfig
 from crossmodal.data.manifest import is_absent
 from crossmodal.errors import PredictionInputError
 from crossmodal.serving.package import HEAD_DIR
@@ -81,6 +84,8 @@ class FusedModel:
         spec = json.loads((directory / MODEL_FILE).read_text())
         if spec.get("head") in FINETUNED_HEADS:
             return FinetunedFusedModel.load(directory, allowed_image_root)
+        if spec.get("head") in RNN_HEADS:
+            return CnnRnnFusedModel.load(directory, allowed_image_root)
         head = load_head(directory / HEAD_DIR)
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
                    spec.get("max_image_pixels"), spec.get("temperature", 1.0),
@@ -310,6 +315,111 @@ class FinetunedFusedModel(FusedModel):
             raise PredictionInputError(str(err)) from None
         proba = predict_proba(self.network, inputs, dtype=self.dtype)
         return self._calibrated(proba)
+
+
+class CnnRnnFusedModel(FusedModel):
+    """The ``cnn_rnn`` head (``crossmodal.heads.cnn_rnn``): the image encoder's pooled features and the text
+    encoder's word pieces, from raw rows as :class:`FusedModel` takes them.
+
+    Images go through the run's feature extractor (the features the head was trained on), texts through the text
+    encoder's tokenizer with the function training used (``crossmodal.heads.cnn_rnn.tokenize``); the head's word
+    embeddings are that encoder's table, loaded once with it. :meth:`features` still gives both modalities' frozen
+    embeddings (what ``crossmodal predict`` compares with the drift reference); :meth:`score` returns them with the
+    probabilities, each image encoded once.
+    """
+
+    def __init__(self, head, extractor, labels: list[str], head_name: str = "", temperature: float = 1.0,
+                 allowed_image_root: str | None = None):
+        self._serving_options(temperature, allowed_image_root)
+        self.head = head.eval()
+        self.labels, self.head_name = list(labels), head_name
+        self.extractor = extractor
+        self.tokenizer = extractor.text_encoder.tokenizer
+
+    @classmethod
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> CnnRnnFusedModel:
+        from crossmodal.features.extractor import FeatureExtractor
+        from crossmodal.heads.cnn_rnn import load_cnn_rnn
+
+        directory = Path(directory)
+        spec = json.loads((directory / MODEL_FILE).read_text())
+        extractor = FeatureExtractor(EncodersConfig.model_validate(spec["encoders"]),
+                                     max_pixels=spec.get("max_image_pixels"))
+        head = load_cnn_rnn(directory / HEAD_DIR, extractor.text_encoder)
+        return cls(head, extractor, spec["labels"], spec.get("head", ""), spec.get("temperature", 1.0),
+                   allowed_image_root or spec.get("allowed_image_root"))
+
+    def _rows(self, images, texts) -> tuple[list, list]:
+        """Rows as lists, None for an absent image or text; PredictionInputError for a row with neither."""
+        from crossmodal.data.text import clean_text
+
+        n = len(images) if images is not None else len(texts) if texts is not None else 0
+        images = [None if is_absent(x) else x for x in images] if images is not None else [None] * n
+        texts = [None if is_absent(t) else t for t in texts] if texts is not None else [None] * n
+        if len(images) != len(texts):
+            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
+        for i, (img, txt) in enumerate(zip(images, texts)):
+            if img is None and (txt is None or not clean_text(txt)):
+                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
+        return images, [t if t is not None and clean_text(t) else None for t in texts]
+
+    def image_features(self, images: list) -> np.ndarray:
+        """The image encoder's features (N, image_dim), all-NaN rows where ``images[k]`` is None."""
+        from crossmodal.data.images import ImageError
+
+        img = np.full((len(images), self.head.init_args["image_dim"]), np.nan, dtype=np.float32)
+        present = [k for k, x in enumerate(images) if x is not None]
+        if present:
+            try:
+                img[present] = self.extractor.embed_images([images[k] for k in present])
+            except ImageError as err:
+                raise PredictionInputError(str(err)) from None
+        return img
+
+    def proba_from_inputs(self, img: np.ndarray, input_ids, attention_mask) -> np.ndarray:
+        """Calibrated probabilities (N, C) of image features and tokens (``heads.cnn_rnn.tokenize``)."""
+        from crossmodal.heads.cnn_rnn import predict_proba
+
+        return self._calibrated(predict_proba(self.head, img, input_ids, attention_mask))
+
+    def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        raise TypeError("the cnn_rnn head reads word pieces, not text embeddings: use predict_proba(images, texts) "
+                        "or score(images, texts)")
+
+    def score(self, images: list | None, texts: list | None, attribution: bool = False,
+              embeddings: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None,
+                                                  np.ndarray | None]:
+        """(probabilities, attribution columns (empty unless ``attribution``), image features, text embeddings);
+        the two embeddings only with ``embeddings`` (None otherwise), images encoded once for all of it."""
+        from crossmodal.heads.cnn_rnn import tokenize
+
+        images, texts = self._rows(images, texts)
+        img = self.image_features(images)
+        ids, mask = tokenize(self.tokenizer, texts, self.head.init_args["max_length"])
+        proba = self.proba_from_inputs(img, ids, mask)
+        extra: dict[str, np.ndarray] = {}
+        if attribution:
+            from crossmodal.heads.inference import without
+
+            rows, pred = np.arange(len(proba)), proba.argmax(axis=1)
+            extra["attr_image"] = proba[rows, pred] - self.proba_from_inputs(without(img), ids, mask)[rows, pred]
+            no_text = mask.new_zeros(mask.shape)
+            extra["attr_text"] = proba[rows, pred] - self.proba_from_inputs(img, ids, no_text)[rows, pred]
+        txt = None
+        if embeddings:
+            txt = np.full((len(texts), self.extractor.text_dim), np.nan, dtype=np.float32)
+            present = [k for k, t in enumerate(texts) if t is not None]  # as FusedModel.features embeds them
+            if present:
+                txt[present] = self.extractor.embed_texts([texts[k] for k in present])
+        return proba, extra, (img if embeddings else None), txt
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        return self.score(images, texts)[0]
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution: the head without that branch."""
+        proba, extra, _, _ = self.score(images, texts, attribution=True)
+        return {"proba": proba, **extra}
 
 
 class CrossmodalPyfunc(PythonModel):

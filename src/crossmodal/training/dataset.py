@@ -3,6 +3,7 @@
     from crossmodal.training.dataset import load_split_features
     data, labels = load_split_features("validated.parquet", "image.npy", "text.npy")
     data.image["train"], data.y["val"], data.ids["test"]     # float32 / int64 / str arrays per split
+    data, _ = load_split_features(..., views=extract_views(...).to_dict())   # + data.views["image"]: (K, n_train, Di)
 
 An all-NaN feature row is an absent modality; any other NaN or inf, a row count that does not match the table, or
 fewer than two labels is a TrainError that says what to re-run.
@@ -31,6 +32,9 @@ class SplitFeatures:
     # Standardize statistics of the train features per modality, computed once for every head trained on this
     # data (crossmodal.heads.registry.fit_standardizers); the arrays are not to be changed in place once wrapped here.
     statistics: dict = field(default_factory=dict, repr=False, compare=False)
+    # Augmented views of the training rows (``crossmodal.features.extract.extract_views``): per modality float32
+    # (K, n_train, D), view k of each training row in ``image["train"]``'s order; empty without views.
+    views: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_arrays(cls, image, text, y, split, ids=None) -> SplitFeatures:
@@ -64,8 +68,12 @@ class SplitFeatures:
         return int(self.text["train"].shape[1])
 
 
-def load_split_features(validated_path, image_features_path, text_features_path) -> tuple[SplitFeatures, list[str]]:
-    """Read validated.parquet and the two feature files (rows aligned) into a SplitFeatures + sorted labels."""
+def load_split_features(validated_path, image_features_path, text_features_path,
+                        views: dict | None = None) -> tuple[SplitFeatures, list[str]]:
+    """Read validated.parquet and the two feature files (rows aligned) into a SplitFeatures + sorted labels.
+
+    ``views``: ``ViewResult.to_dict()`` of the same table (its ``image_path`` and ``text_path``), read into
+    ``data.views``."""
     df = read_validated(validated_path, ("id", "label", "split"), TrainError)
 
     feats = {}
@@ -101,4 +109,21 @@ def load_split_features(validated_path, image_features_path, text_features_path)
     y = labels_str.map({label: i for i, label in enumerate(labels)}).to_numpy(np.int64)
     split, ids = df["split"].astype(str).to_numpy(), df["id"].astype(str).to_numpy()
     data = SplitFeatures.from_arrays(feats["image"], feats["text"], y, split, ids)
+    if views:
+        data.views = _load_views(views, data, validated_path)
     return data, labels
+
+
+def _load_views(views: dict, data: SplitFeatures, validated_path) -> dict[str, np.ndarray]:
+    out = {}
+    for kind in ("image", "text"):
+        path = Path(views[f"{kind}_path"])
+        if not path.is_file():
+            raise TrainError(f"{kind} views {path} not found; run `crossmodal extract` again (train.augment)")
+        arr = np.load(path, allow_pickle=False)
+        want = (len(data.y["train"]), getattr(data, f"{kind}_dim"))
+        if arr.ndim != 3 or arr.shape[1:] != want:
+            raise TrainError(f"{kind} views {path} have shape {arr.shape} but {validated_path} has {want[0]} train "
+                             f"rows of {want[1]} features; the views are stale: run `crossmodal extract` again")
+        out[kind] = arr.astype(np.float32, copy=False)
+    return out

@@ -12,7 +12,15 @@ The model (``crossmodal.heads.xattn.FinetunedXattn``, settings ``train.finetune`
 ``image_blocks`` blocks and the text transformer's last ``text_layers`` layers under a cross-attention head, with
 AdamW (a smaller learning rate for the pretrained layers), warm-up then decay, and bf16 autocast where the hardware
 is fast at it; the epoch with the best validation macro-F1 is kept. The frozen layers' outputs never change, so
-they are computed once per row, and only the tuned layers run each epoch.
+they are computed once per row, and only the tuned layers run each epoch. ``epochs``, ``max_train_rows`` and
+``image_size`` may be ``auto``: :func:`resolve_budget` makes them numbers for the device (a CPU budget, or 224 px,
+every row and more epochs on CUDA), before anything is fingerprinted.
+
+Augmented views (``train.augment`` with ``views: K`` and ``finetune: true``): K views of each training image and
+text (``crossmodal.data.augment``) also go through the frozen layers once, cached on disk by content, settings and
+view (``crossmodal.training.finetune_views``), and each epoch every training row is seen as one of its K + 1
+views (view 0: itself), drawn from a stream of its own, so batch order and modality dropout stay those of a run
+without views. Validation and test rows are never augmented; the augmentation settings are part of the fingerprint.
 
 Checkpoints: after every epoch, ``<root>/<fingerprint>/`` gets the trained tensors and optimizer state
 (safetensors, no pickle) and the epoch, history and scheduler (JSON); ``<root>`` is ``train.finetune.checkpoint_dir``,
@@ -32,6 +40,7 @@ batch's (class-weighted) mean, so the averaged gradient is that of the whole bat
 scaling. Rank 0 validates, writes the checkpoints and the outputs; the caller's ``on_epoch_end`` runs in the
 caller (with ``model`` None: the model lives in the ranks) while the ranks wait. A checkpoint of N processes is
 not one of a single process (BatchNorm statistics and dropout see slices), so N > 1 is part of the fingerprint.
+Every rank draws the same views; rank 0 fills the views' cache while the others wait, then they read it.
 """
 
 
@@ -52,7 +61,7 @@ import torch
 from torch import nn
 
 from crossmodal.artifacts import HEAD_FILE, LABELS_FILE, PREDICTIONS_FILE
-from crossmodal.config import EncodersConfig, TrainConfig
+from crossmodal.config import EncodersConfig, FinetuneConfig, TrainConfig
 from crossmodal.data.manifest import is_absent
 from crossmodal.data.validated import read_validated
 from crossmodal.errors import FinetuneError
@@ -61,11 +70,23 @@ from crossmodal.hardware import autocast
 from crossmodal.heads.xattn import NAME, FinetunedXattn, load_trained, save_finetuned
 from crossmodal.heads.xattn_inputs import predict_proba, prepare_inputs
 from crossmodal.training.distributed import RankContext, run_ranks
+from crossmodal.training.finetune_views import train_views
 
 log = logging.getLogger(__name__)
 
 
 CHECKPOINT_VERSION = 1
+BUDGET_KEYS = ("epochs", "max_train_rows", "image_size")  # the settings that may be ``auto`` (by hardware)
+VIEW_STREAM = 7919  # offsets the seed of the per-epoch view draws from the batch order's (another stream)
+
+
+def resolve_budget(ft: FinetuneConfig, device: torch.device) -> FinetuneConfig:
+    """``ft`` with every ``auto`` of ``BUDGET_KEYS`` replaced by ``crossmodal.hardware.finetune_budget(device)``."""
+    from crossmodal.hardware import finetune_budget
+
+    budget = finetune_budget(device)
+    auto = {k: budget[k] for k in BUDGET_KEYS if getattr(ft, k) == "auto"}
+    return ft.model_copy(update=auto) if auto else ft
 
 
 # ---------------------------------------------------------------------------------------------- training pieces
@@ -125,6 +146,8 @@ def fingerprint(frame, labels: list[str], cfg: TrainConfig, encoders: EncodersCo
                 "image": encoders.image.name, "text": encoders.text.name, "precision": precision, "labels": labels}
     if cfg.finetune.processes > 1:  # only then: the checkpoints of one process keep their fingerprint
         settings["processes"] = cfg.finetune.processes
+    if cfg.augment.for_finetune:  # likewise: without views, a checkpoint keeps the fingerprint it had before them
+        settings["augment"] = cfg.augment.model_dump(mode="json", exclude={"finetune", "frozen"})
     h.update(json.dumps(settings, sort_keys=True).encode())
     for col in ("id", "label", "split", "image_sha256", "text"):
         values = frame[col] if col in frame.columns else [""] * len(frame)
@@ -195,7 +218,6 @@ def _plan(validated_path: Path, cfg: TrainConfig, encoders: EncodersConfig, out_
     """The table, its labels and splits (checked), the device and precision, and the checkpoint folder."""
     from crossmodal.hardware import precision_name, resolve_device, resolve_precision
 
-    ft = cfg.finetune
     df = _read_table(validated_path)
     labels = sorted(df["label"].astype(str).unique())
     if len(labels) < 2:
@@ -208,11 +230,13 @@ def _plan(validated_path: Path, cfg: TrainConfig, encoders: EncodersConfig, out_
 
     device = device or resolve_device(encoders.device)
     dtype = resolve_precision(encoders.precision, device)
+    cfg = cfg.model_copy(update={"finetune": resolve_budget(cfg.finetune, device)})  # what "auto" is here
+    ft = cfg.finetune
     key = fingerprint(df, labels, cfg, encoders, precision_name(dtype))
     root = Path(ft.checkpoint_dir) if ft.checkpoint_dir else (
         Path(cache_dir) / "finetune" if cache_dir else out_dir / ".finetune_checkpoints")
     return {"df": df, "labels": labels, "y_all": y_all, "split": split, "device": device, "dtype": dtype,
-            "key": key, "ckpt_dir": root / key[:24]}
+            "key": key, "ckpt_dir": root / key[:24], "cfg": cfg}
 
 
 def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_dir, *, cache_dir=None,
@@ -225,8 +249,8 @@ def finetune_head(validated_path, cfg: TrainConfig, encoders: EncodersConfig, ou
     """
     if cfg.finetune.processes == 1:
         return _finetune(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
-    ckpt_dir = _plan(Path(validated_path), cfg, encoders, Path(out_dir), cache_dir)["ckpt_dir"]
-    if cfg.finetune.resume and _finished(ckpt_dir, cfg.finetune.epochs):
+    plan = _plan(Path(validated_path), cfg, encoders, Path(out_dir), cache_dir)
+    if cfg.finetune.resume and _finished(plan["ckpt_dir"], plan["cfg"].finetune.epochs):
         # Nothing left to train: predicting from the checkpoint here costs less than starting the ranks.
         return _finetune(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
     return _launch(validated_path, cfg, encoders, out_dir, cache_dir, max_pixels, on_epoch_end)
@@ -294,11 +318,12 @@ def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_di
     from crossmodal.hardware import precision_name, usable_cores
     from crossmodal.training.loop import balanced_class_weights, is_better, macro_f1, torch_threads
 
-    ft = cfg.finetune
     world = rank.world_size if rank is not None else 1
     main = rank is None or rank.is_main
     validated_path, out_dir = Path(validated_path), Path(out_dir)
     plan = _plan(validated_path, cfg, encoders, out_dir, cache_dir, rank.device if rank is not None else None)
+    cfg = plan["cfg"]  # with the budget resolved for this device
+    ft = cfg.finetune
     df, labels, y_all, split = plan["df"], plan["labels"], plan["y_all"], plan["split"]
     device, dtype, key, ckpt_dir = plan["device"], plan["dtype"], plan["key"], plan["ckpt_dir"]
 
@@ -361,12 +386,32 @@ def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_di
     # Rank 0 predicts while the other ranks wait at a barrier (or have exited), so it may use their cores.
     all_cores = ((lambda: torch_threads(usable_cores())) if rank is not None and device.type == "cpu"
                  else nullcontext)
+    n = len(train_idx)
+    pool, views, views_seconds = inputs["train"], 0, 0.0
+    if cfg.augment.for_finetune and start_epoch <= ft.epochs:  # a finished checkpoint needs no views
+        v0 = time.perf_counter()
+        views = cfg.augment.views
+        if "image_sha256" not in df.columns:
+            raise FinetuneError(f"{validated_path} lacks column 'image_sha256', which names the images' augmented "
+                                "views; re-run `crossmodal validate`")
+        if rank is not None and not rank.is_main:
+            rank.barrier()  # rank 0 fills the views' cache first; the others then read it
+        try:
+            with all_cores() if main else nullcontext():
+                pool = train_views(model, df["image"].iloc[train_idx].tolist(), df["text"].iloc[train_idx].tolist(),
+                                   df["image_sha256"].iloc[train_idx].tolist(),
+                                   [f"row id {i!r}" for i in df["id"].iloc[train_idx]], inputs["train"], ft,
+                                   cfg.augment, ckpt_dir.parent, dtype, max_pixels)
+        except ImageError as err:
+            raise FinetuneError(f"{validated_path}: {err}; re-run `crossmodal validate` to quarantine it") from None
+        if rank is not None and rank.is_main:
+            rank.barrier()
+        views_seconds = time.perf_counter() - v0
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    n = len(train_idx)
     for epoch in range(start_epoch, ft.epochs + 1):
         e0 = time.perf_counter()
         net.train()
@@ -380,13 +425,19 @@ def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_di
         total_loss, seen = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         order = torch.randperm(n, generator=gen).split(ft.batch_size)
+        # Which view each row is seen as this epoch (0: itself), from a stream of its own: batch order and
+        # dropout masks are those of a run without views. Every rank draws the same.
+        at = torch.arange(n)
+        if views:
+            pick = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + VIEW_STREAM)
+            at = torch.randint(0, views + 1, (n,), generator=pick) * n + at
         for b, idx in enumerate(order):
             stepping = (b + 1) % ft.grad_accum == 0 or b + 1 == len(order)
             share = idx if world == 1 else idx.tensor_split(world)[rank.rank]
             # A rank whose slice of a short last batch is empty still runs a row at weight 0: DDP reduces the
             # gradients of every rank at every step.
             part = share if len(share) else idx[:1]
-            batch = inputs["train"].batch(part, device)
+            batch = pool.batch(at[part], device)
             batch["image_missing"] |= drop_image[part].to(device)
             batch["text_missing"] |= drop_text[part].to(device)
             with nullcontext() if stepping or world == 1 else net.no_sync():  # reduce once per optimizer step
@@ -451,6 +502,7 @@ def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_di
         "resumed_from_epoch": resumed_from,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "prepare_seconds": round(prep_seconds, 3),
+        "views_seconds": round(views_seconds, 3),  # the training rows' augmented views (0 when off or reused)
         "train_rows_used": int(len(train_idx)),
         "train_rows_available": int((split == "train").sum()),
         "val_metrics": compute_metrics(y["val"].numpy(), proba["val"], labels),
@@ -463,6 +515,7 @@ def _finetune(validated_path, cfg: TrainConfig, encoders: EncodersConfig, out_di
                   "text_layers": model.text.tuned, "text_layer_path": model.text.layer_path},
         "checkpoint": str(ckpt_dir),
         "config": cfg.finetune.model_dump(),
+        "augment": cfg.augment.model_dump(mode="json") if cfg.augment.for_finetune else None,
     }
     head_dir = save_finetuned(model, out_dir / NAME, info)
     (out_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))  # as train_all writes it: class = position

@@ -147,10 +147,12 @@ def train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: in
     ``history`` has one dict per epoch run: epoch (1-based), train_loss, val_loss, val_macro_f1 (and, with
     auxiliary losses or OGM-GE on, score_image, score_text, ratio_image_text, coeff_*, aux_loss).
     The best epoch is the one with the highest val_macro_f1 (ties: lower val_loss); see :func:`best_epoch`.
-    ``on_epoch`` gets each epoch's record as soon as it is known (``crossmodal.training.progress.epoch_writer``).
+    ``on_epoch`` gets each epoch's record as soon as it is known (``crossmodal.training.progress.epoch_writer``);
+    an exception it raises (a pruned trial of ``crossmodal.training.tuning``) ends training and propagates as is.
+    The head trains with its own settings, ``cfg.for_head(name)`` (``train.head_params``).
     """
     with torch_threads(TRAIN_THREADS):
-        return _train_head(name, data, cfg, num_classes, on_epoch)
+        return _train_head(name, data, cfg.for_head(name), num_classes, on_epoch)
 
 
 def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int,
@@ -173,6 +175,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
     xi, xt, y = tensor(data.image["train"]), tensor(data.text["train"]), tensor(data.y["train"], torch.int64)
+    views = train_views(data, cfg)  # (K + 1, n, D) per modality with train.augment.frozen, else None
     vi, vt, vy = tensor(data.image["val"]), tensor(data.text["val"]), tensor(data.y["val"], torch.int64)
     weight = tensor(balanced_class_weights(data.y["train"], num_classes)) if cfg.class_weights else None
     criterion = make_criterion(cfg, weight)
@@ -193,9 +196,12 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
     for epoch in range(1, cfg.max_epochs + 1):
         head.train()
         total = 0.0
+        seen_as = None if views is None else torch.randint(0, len(views[0]), (n,), generator=views[2])
         for idx in batches.epoch():
             optimizer.zero_grad(set_to_none=True)
             bi, bt, by = xi[idx], xt[idx], y[idx]
+            if seen_as is not None:  # each row as one of its views this epoch (0: the row itself)
+                bi, bt = views[0][seen_as[idx], idx], views[1][seen_as[idx], idx]
             bi, bt = modality_dropout(bi, bt, drop_rate, dropper)
             loss = custom_loss(bi, bt, by, criterion) if custom_loss else criterion(head(bi, bt), by)
             if balancer is not None:
@@ -236,6 +242,24 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
         head.fit_on_validation(vi, vt, data.y["val"])
     head.eval()
     return head, history
+
+
+def train_views(data: SplitFeatures, cfg: TrainConfig):
+    """``(image, text, generator)``: the training rows (view 0) stacked on their augmented views, float32
+    (K + 1, n, D) each, and the generator the epochs draw a view per row from; None unless
+    ``train.augment.frozen`` is on and ``data`` has the views (a stacking fold's subset has none: it trains on
+    its rows). Its own stream, so batch order and modality dropout are those of a run without views."""
+    import torch
+
+    if not cfg.augment.for_frozen or not data.views:
+        return None
+    k = len(data.views["image"])
+    if k != cfg.augment.views:
+        raise TrainError(f"the features hold {k} augmented views per training row but train.augment.views is "
+                         f"{cfg.augment.views}; run `crossmodal extract` again")
+    image = np.concatenate([data.image["train"][None], data.views["image"]])
+    text = np.concatenate([data.text["train"][None], data.views["text"]])
+    return torch.from_numpy(image), torch.from_numpy(text), torch.Generator().manual_seed(cfg.seed + 2)
 
 
 def best_epoch(history: list[dict]) -> int:

@@ -142,8 +142,11 @@ def train_stacking(data, cfg, num_classes: int, base_heads: dict | None = None, 
             raise TrainError(str(err)) from None
     used = ~np.isnan(oof).any(axis=1)
     oof, y_oof = oof[used], data.y["train"][used]
+    # Its base models are image_only and text_only trained with their own settings (train.head_params), whose
+    # hidden size config.TrainConfig keeps equal: the head is built to hold them.
     head = build_head("stacking", data.image_dim, data.text_dim, num_classes, cfg,
-                      meta=cfg.stacking.meta, meta_hidden=cfg.stacking.mlp_hidden)
+                      hidden_dim=cfg.for_head("image_only").hidden_dim, meta=cfg.stacking.meta,
+                      meta_hidden=cfg.stacking.mlp_hidden)
     base_heads = base_heads or {}
     for attr, name in (("image_head", "image_only"), ("text_head", "text_only")):
         trained = base_heads.get(name)

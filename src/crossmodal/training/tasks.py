@@ -16,6 +16,7 @@ crash) can run any task. Kinds:
     {"name": "base-image_only", "kind": "base", "head": "image_only"}     stacking's base model, when not a head
     {"name": "train-stacking", "kind": "stacking", "head": "stacking", "after": [...]}   the meta-classifier
     {"name": "train-finetune_xattn", "kind": "finetune", ...}             from raw inputs (crossmodal.training.finetune)
+    {"name": "train-cnn_rnn", "kind": "cnn_rnn", ...}                     word pieces + image features (training.cnn_rnn)
     {"name": "train-traditional_text", "kind": "traditional", ...}        a baseline (crossmodal.training.traditional)
 
 Every task seeds itself, so what it writes is the same, to the bit, whichever process or machine runs it and in
@@ -37,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from crossmodal.artifacts import HEAD_FILE, LABELS_FILE, PREDICTIONS_FILE, TASK_PARTS_DIR, WEIGHTS_FILE
-from crossmodal.config import FINETUNED_HEADS, HEAD_NAMES, TRADITIONAL_HEADS, EncodersConfig, TrainConfig
+from crossmodal.config import (
+    ENSEMBLE_HEADS,
+    FINETUNED_HEADS,
+    HEAD_NAMES,
+    RNN_HEADS,
+    TRADITIONAL_HEADS,
+    EncodersConfig,
+    TrainConfig,
+)
 from crossmodal.data.split import SPLITS
 from crossmodal.errors import TrainError
 from crossmodal.files import atomic_dir, atomic_path
@@ -78,7 +87,8 @@ def plan_training(validated_path, image_path, text_path, cfg: TrainConfig, out_d
 
     frozen = [h for h in heads if h not in TRADITIONAL_HEADS and h not in FINETUNED_HEADS]
     tasks = [{"name": f"train-{h}", "kind": "finetune", "head": h} for h in heads if h in FINETUNED_HEADS]
-    deep = [{"name": f"train-{h}", "kind": "head", "head": h} for h in frozen if h != "stacking"]
+    deep = [{"name": f"train-{h}", "kind": "head", "head": h} for h in frozen
+            if h not in ("stacking", "linear_probe", *ENSEMBLE_HEADS, *RNN_HEADS)]
     if "stacking" in frozen:
         for split in ("train", "val"):
             if len(data.y[split]) == 0:
@@ -92,10 +102,24 @@ def plan_training(validated_path, image_path, text_path, cfg: TrainConfig, out_d
         deep += [{"name": f"fold-{h}-{k}", "kind": "fold", "head": h, "fold": k}
                  for k in range(folds) for h in UNIMODAL]
     deep.sort(key=lambda t: task_cost(t, data, tcfg, len(labels)), reverse=True)  # stable: ties keep plan order
+    # Before the frozen-feature heads: its RNN over every token makes it costlier than any of them.
+    tasks += [{"name": f"train-{h}", "kind": "cnn_rnn", "head": h} for h in frozen if h in RNN_HEADS]
     tasks += deep
     if "stacking" in frozen:
         before = [t["name"] for t in deep if t["kind"] in ("fold", "base") or t["head"] in UNIMODAL]
         tasks.append({"name": "train-stacking", "kind": "stacking", "head": "stacking", "after": before})
+    if "linear_probe" in heads:
+        tasks.append({"name": "train-linear_probe", "kind": "linear_probe", "head": "linear_probe"})
+    if "ensemble" in heads:
+        from crossmodal.heads.registry import HEADS
+
+        # Members read the run's frozen features (heads.registry.HEADS), so the ensemble is served on one pair
+        # of encoders; heads on other inputs (fine-tuned, token-level, traditional) are compared, not mixed.
+        members = [h for h in frozen if h in HEADS]
+        if not members:
+            raise TrainError("train.heads names the ensemble but no head on frozen features for it to choose from")
+        tasks.append({"name": "train-ensemble", "kind": "ensemble", "head": "ensemble", "members": members,
+                      "after": [f"train-{h}" for h in members]})
     tasks += [{"name": f"train-{h}", "kind": "traditional", "head": h} for h in heads if h in TRADITIONAL_HEADS]
     job = {"validated": str(Path(validated_path).resolve()), "image": str(Path(image_path).resolve()),
            "text": str(Path(text_path).resolve()), "out_dir": str(out_dir),
@@ -146,7 +170,8 @@ def _seconds_per_row(name: str, data: SplitFeatures, cfg, num_classes: int) -> f
 
 
 def _data_key(job: dict) -> tuple:
-    return tuple((p, Path(p).stat().st_mtime_ns) for p in (job["validated"], job["image"], job["text"]))
+    views = [job["views"][f"{k}_path"] for k in ("image", "text")] if job.get("views") else []  # train.augment
+    return tuple((p, Path(p).stat().st_mtime_ns) for p in (job["validated"], job["image"], job["text"], *views))
 
 
 def task_data(job: dict) -> SplitFeatures:
@@ -158,7 +183,7 @@ def task_data(job: dict) -> SplitFeatures:
         raise TrainError(f"{err.filename} cannot be read here ({err.strerror}); every process that trains must see "
                          "the run's files at the same path (orchestration: shared storage)") from None
     if key not in _DATA:
-        data, found = load_split_features(job["validated"], job["image"], job["text"])
+        data, found = load_split_features(job["validated"], job["image"], job["text"], job.get("views"))
         got = {s: int(len(data.y[s])) for s in SPLITS}
         if found != job["labels"] or got != job["rows"]:
             raise TrainError(f"{job['validated']} or its features changed while training ran (labels {found}, rows "
@@ -178,6 +203,8 @@ def run_training_task(task: dict, job: dict) -> dict:
     with _TORCH:
         if kind == "finetune":
             return _finetune(task, job, cfg, out_dir, start)
+        if kind == "cnn_rnn":
+            return _cnn_rnn(task, job, cfg, out_dir)
         data = task_data(job)
         labels = job["labels"]
         if kind == "fold":
@@ -189,9 +216,24 @@ def run_training_task(task: dict, job: dict) -> dict:
             return {"name": task["name"], "head": name, "seconds": round(time.perf_counter() - start, 3)}
         if kind == "stacking":
             return _stacking(task, job, data, cfg, out_dir)
+        if kind == "linear_probe":
+            from crossmodal.training.linear_probe import train_linear_probe
+
+            head, history = train_linear_probe(data, cfg, len(labels))
+            return {"name": task["name"], **save_trained_head(head, history, time.perf_counter() - start, data, labels,
+                                                              cfg, out_dir, family="baseline")}
+        if kind == "ensemble":
+            from crossmodal.training.ensemble import train_ensemble
+
+            head, history = train_ensemble(out_dir, task["members"], data, cfg)
+            return {"name": task["name"], **save_trained_head(head, history, time.perf_counter() - start, data, labels,
+                                                              cfg, out_dir, family="ensemble")}
         # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
         on_epoch = epoch_writer(job["progress_dir"], name) if kind == "head" else None
-        head, history = train_head(name, data, cfg, len(labels), on_epoch)
+        if kind == "head" and cfg.seeds > 1:
+            head, history = _seed_bag(name, data, cfg, len(labels), on_epoch)
+        else:
+            head, history = train_head(name, data, cfg, len(labels), on_epoch)
         seconds = time.perf_counter() - start
         if kind == "base":
             from safetensors.torch import save_file
@@ -200,6 +242,21 @@ def run_training_task(task: dict, job: dict) -> dict:
                 save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
             return {"name": task["name"], "head": name, "seconds": round(seconds, 3)}
         return {"name": task["name"], **save_trained_head(head, history, seconds, data, labels, cfg, out_dir)}
+
+
+def _seed_bag(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int, on_epoch):
+    """Head ``name`` trained from ``train.seeds`` seeds (seed, seed + 1, ...), probabilities averaged
+    (``crossmodal.heads.averaged``); the history is the first seed's, each seed's best epoch is in its records."""
+    from crossmodal.heads.averaged import AveragedHead
+
+    members, history = [], []
+    for k in range(cfg.seeds):
+        head, run = train_head(name, data, cfg.model_copy(update={"seed": cfg.seed + k}), num_classes,
+                               on_epoch if k == 0 else None)
+        members.append(head)
+        history = history or run
+        history[-1].setdefault("seed_best_epochs", []).append(best_epoch(run))
+    return AveragedHead(members, [1.0] * cfg.seeds, {**members[0].init_args, "seeds": cfg.seeds}).eval(), history
 
 
 def _part(out_dir: Path, name: str, suffix: str) -> Path:
@@ -249,6 +306,15 @@ def _finetune(task: dict, job: dict, cfg: TrainConfig, out_dir: Path, start: flo
             "processes": info.get("processes", 1)}
 
 
+def _cnn_rnn(task: dict, job: dict, cfg: TrainConfig, out_dir: Path) -> dict:
+    from crossmodal.training.cnn_rnn import save_cnn_rnn, train_cnn_rnn
+
+    data = task_data(job)
+    trained = train_cnn_rnn(job["validated"], data, cfg, EncodersConfig.model_validate(job["encoders"]),
+                            len(job["labels"]), epoch_writer(job["progress_dir"], task["head"]))
+    return {"name": task["name"], **save_cnn_rnn(trained, data, job["labels"], cfg, out_dir)}
+
+
 def _traditional(task: dict, job: dict, cfg: TrainConfig, out_dir: Path, start: float) -> dict:
     from crossmodal.training.traditional import train_traditional
 
@@ -271,7 +337,7 @@ def _publish(src: Path, dst: Path) -> Path:
 
 
 def save_trained_head(head, history: list[dict], seconds: float, data: SplitFeatures, labels: list[str], cfg,
-                      out_dir) -> dict:
+                      out_dir, family: str = "frozen") -> dict:
     """Predict the val and test rows (also with each modality removed, and the gates of gated heads), write
     ``<out_dir>/<name>/`` whole (weights, head.json, predictions.npz); returns the head's summary."""
     from crossmodal.evaluation.metrics import compute_metrics
@@ -294,7 +360,7 @@ def save_trained_head(head, history: list[dict], seconds: float, data: SplitFeat
         "history": history,
         "labels": labels,
         "config": cfg.model_dump(),
-        "family": "frozen",
+        "family": family,
     }
     with atomic_dir(Path(out_dir) / name) as tmp:
         save_head(head, tmp, info)

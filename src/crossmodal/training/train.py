@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from crossmodal.config import EncodersConfig, TrainConfig
+from crossmodal.config import FINETUNED_HEADS, TRADITIONAL_HEADS, EncodersConfig, TrainConfig
 from crossmodal.training.tasks import plan_training, run_training_task
+
+VIEWS_STORE = ".views"  # under out_dir: the feature store of augmented views when train_all is given no cache_dir
 
 
 @dataclass
@@ -94,4 +97,10 @@ def train_all(validated_path, image_features_path, text_features_path, cfg: Trai
     """
     job, tasks = plan_training(validated_path, image_features_path, text_features_path, cfg, out_dir, encoders,
                                cache_dir, progress_dir)
+    if cfg.augment.for_frozen and any(h not in FINETUNED_HEADS + TRADITIONAL_HEADS for h in job["heads"]):
+        from crossmodal.features.extract import extract_views
+
+        # The extract stage of the flow has encoded them already (this finds them); crossmodal train encodes them.
+        store = cache_dir if cache_dir is not None else Path(job["out_dir"]) / VIEWS_STORE
+        job["views"] = extract_views(validated_path, encoders or EncodersConfig(), cfg.augment, store).to_dict()
     return finish_training(job, tasks, run_tasks(tasks, job))
