@@ -219,8 +219,11 @@ def test_run_ends_with_the_tables_in_plain_text_off_a_terminal_or_with_plain(mon
     heads = {name: {"modality": modality, "family": "frozen", "ece_calibrated": 0.02,
                     "test": {"accuracy": f1, "macro_f1": f1, "roc_auc": f1, "ece": 0.05},
                     "missing_text": {"macro_f1": f1 / 2}, "missing_image": {"macro_f1": f1 / 3}}
-             for name, modality, f1 in (("concat", "fusion", 0.8), ("text_only", "text", 0.7))}
-    metrics = {"heads": heads, "best_fusion": "concat", "best_unimodal": "text_only", "fusion_gain_macro_f1": 0.1}
+             for name, modality, f1 in (("concat", "fusion", 0.8), ("text_only", "text", 0.7),
+                                        ("linear_probe", "fusion", 0.75), ("traditional_concat", "fusion", 0.6))}
+    heads["traditional_concat"].update(family="traditional", variant="tfidf+sift_bovw+lda")
+    metrics = {"heads": heads, "best_fusion": "concat", "best_unimodal": "text_only", "fusion_gain_macro_f1": 0.1,
+               "fusion_gain_over_linear_probe": 0.05}
     (tmp_path / "work" / "reports" / METRICS_FILE).write_text(json.dumps(metrics))
     base = ["run", "--params", str(tmp_path / "none.yaml")]
 
@@ -230,6 +233,8 @@ def test_run_ends_with_the_tables_in_plain_text_off_a_terminal_or_with_plain(mon
     lines = piped.output.splitlines()
     assert "comparison (test rows)" in lines and any(line.startswith("concat ") and "|" in line for line in lines)
     assert "best fusion concat beats best unimodal text_only by +10.0 macro-F1 points" in lines
+    assert "best fusion concat beats linear_probe by +5.0 macro-F1 points" in lines
+    assert any(line.startswith("traditional_concat [tfidf+sift_bovw+lda] ") for line in lines)
     assert lines[-3:] == ["rows: 0 in = 0 kept + 0 quarantined", "model: best head concat (not registered)",
                           "summary: reports/summary.json"]
     options = flow_calls[-1][2]

@@ -94,7 +94,8 @@ def comparison_table(metrics: dict, rich: bool = True, registered: str | None = 
     cells = _cells(heads, order, COMPARISON_COLUMNS, rich)
     for n in order:
         mark = " *" if n == registered else ""
-        name = Text(n + mark, style="bold" if rich and mark else "")
+        variant = heads[n].get("variant")  # a traditional baseline's features and projection: tfidf+hog_color
+        name = Text(n + (f" [{variant}]" if variant else "") + mark, style="bold" if rich and mark else "")
         table.add_row(name, heads[n].get("family", "frozen"), _kind(heads[n]), *cells[n])
     return table
 
@@ -109,6 +110,17 @@ def fusion_line(metrics: dict, registered: str | None = None) -> tuple[str, str]
         return (f"best fusion {fusion} {verb} best unimodal {unimodal} by {100 * gain:+.1f} macro-F1 points{mark}",
                 "green" if gain >= 0 else "yellow")
     return f"fusion gain: n/a (needs a fusion head and a unimodal head with test rows){mark}", "yellow"
+
+
+def probe_line(metrics: dict) -> tuple[str, str] | None:
+    """What the best fusion head adds over ``linear_probe`` on the same features, as (text, style); None without
+    a trained probe."""
+    fusion, gain = metrics.get("best_fusion"), _number(metrics.get("fusion_gain_over_linear_probe"))
+    if not fusion or gain is None:
+        return None
+    verb = "beats" if gain >= 0 else "trails"
+    return f"best fusion {fusion} {verb} linear_probe by {100 * gain:+.1f} macro-F1 points", (
+        "green" if gain >= 0 else "yellow")
 
 
 def robustness_table(metrics: dict, rich: bool = True) -> Table:
@@ -166,8 +178,8 @@ def show_run(terminal: Terminal, summary: dict[str, Any], metrics: dict | None, 
     if metrics and metrics.get("heads"):
         registered = summary.get("registered_head")
         terminal.print(comparison_table(metrics, rich, registered))
-        text, style = fusion_line(metrics, registered)
-        terminal.line(text, style if rich else None)
+        for text, style in filter(None, (fusion_line(metrics, registered), probe_line(metrics))):
+            terminal.line(text, style if rich else None)
         terminal.line("")
         terminal.print(robustness_table(metrics, rich))
         terminal.line("")
