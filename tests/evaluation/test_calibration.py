@@ -69,6 +69,13 @@ def test_the_guard_rejects_a_temperature_that_makes_calibration_worse():
     assert not few["accepted"] and "fewer than" in few["reason"]
 
 
+def test_the_guard_never_scales_predictions_that_chose_the_model():
+    y, p = synthetic(600, accuracy=0.7, confidence=0.98, seed=0)  # a T that helps, were the rows held out
+    guard = guarded_temperature(y, p, in_sample=True)
+    assert guard["fitted"] > 1.5 and not guard["accepted"] and guard["temperature"] == 1.0
+    assert "in-sample" in guard["reason"]
+
+
 def test_under_confident_model_gets_t_below_one():
     y, p = synthetic(1500, accuracy=0.95, confidence=0.5, seed=2)
     t = fit_temperature(y, p)

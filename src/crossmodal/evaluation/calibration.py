@@ -59,16 +59,24 @@ def fit_temperature(y: np.ndarray, proba: np.ndarray) -> float:
 GUARD_MIN_ROWS = 40  # fewer validation rows: halves of < 20 rows say nothing about calibration; T stays 1
 
 
-def guarded_temperature(y: np.ndarray, proba: np.ndarray, seed: int = 0) -> dict:
+def guarded_temperature(y: np.ndarray, proba: np.ndarray, seed: int = 0, in_sample: bool = False) -> dict:
     """The temperature to serve with, and the evidence: ``{"temperature", "accepted", "fitted", "heldout_ece":
     [before, after] per half, "reason"}``. ``fitted`` is the T fitted on all of ``y``; ``temperature`` is it when
-    accepted, else 1.0."""
+    accepted, else 1.0.
+
+    ``in_sample``: these validation predictions were themselves used to build the model (an ensemble whose members
+    were picked to minimise their loss), so they look better than new rows will, and a temperature fitted on them,
+    in either half, is fitted in-sample: T stays 1. On the oxygen icons (split seed 2) such a T of 0.76 halved the
+    ensemble's held-out validation ECE and still raised its test ECE from 0.028 to 0.034."""
     from crossmodal.evaluation.metrics import expected_calibration_error
 
     y = np.asarray(y, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     fitted = fit_temperature(y, proba)
     out = {"temperature": 1.0, "accepted": False, "fitted": fitted, "heldout_ece": []}
+    if in_sample:
+        return {**out, "reason": "its members were chosen on these validation rows: a temperature fitted on them "
+                                 "is fitted in-sample"}
     if len(y) < GUARD_MIN_ROWS:
         return {**out, "reason": f"fewer than {GUARD_MIN_ROWS} validation rows"}
     if fitted == 1.0:

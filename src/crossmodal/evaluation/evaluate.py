@@ -21,7 +21,8 @@ head when no fusion head was trained); the baselines (family "traditional", and 
 "baseline") are compared, never registered. ``fusion_gain_over_linear_probe`` is the registered fusion head's test
 macro-F1 minus the linear probe's: what the deep heads add over a logistic regression on the same features.
 Every head gets a temperature fitted on validation and kept only when the cross-fitted guard of
-``crossmodal.evaluation.calibration`` accepts it (``calibration`` records why); it keeps the argmax, so accuracy,
+``crossmodal.evaluation.calibration`` accepts it (``calibration`` records why; never for the ensemble, whose
+members were chosen on those rows); it keeps the argmax, so accuracy,
 macro-F1 and the winner are unchanged.
 ``missing_*`` and ``attribution`` are null when the head's predictions lack the rows with a modality removed; an
 undefined metric (AUC with a class missing, anything on an empty split) is null.
@@ -100,7 +101,8 @@ def evaluate_all(train_dir, out_dir) -> dict:
         plots = out_dir / PLOTS_DIR
         plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
         plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
-        guard = guarded_temperature(pred["val_y"], check_proba(pred["val_y"], pred["val_proba"], labels)[1])
+        guard = guarded_temperature(pred["val_y"], check_proba(pred["val_y"], pred["val_proba"], labels)[1],
+                                    in_sample=meta.get("family") == "ensemble")
         temperature = guard["temperature"]
         test_cal = compute_metrics(y_test, apply_temperature(p_test, temperature), labels)
         plot_reliability(y_test, p_test, apply_temperature(p_test, temperature), temperature,
