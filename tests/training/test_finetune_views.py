@@ -76,3 +76,15 @@ def test_the_budget_resolves_auto_by_device_and_keeps_numbers():
     assert on_gpu.image_size == 224 and on_gpu.max_train_rows is None and on_gpu.epochs > on_cpu.epochs
     given = FinetuneConfig(epochs=3, max_train_rows=None, image_size=64)
     assert finetune.resolve_budget(given, gpu) == given == finetune.resolve_budget(given, cpu)
+
+
+def test_with_text_augmentation_off_the_views_reuse_the_rows_own_text_states(viewed_run, tiny_config):
+    # The default: only images are augmented, so no text goes through the frozen layers again.
+    root = viewed_run["root"]
+    cfg = tiny_config(root, train={"finetune": {"epochs": 1, "checkpoint_dir": str(root / "ckpt-image-only")},
+                                   "augment": {"views": 2}})
+    info = finetune.finetune_head(viewed_run["validated"], cfg.train, cfg.encoders, root / "image-only")
+    assert info["augment"]["text"] == {"token_dropout": 0.0, "deletion": 0.0, "swap": 0.0}
+    shelves = root / "ckpt-image-only" / VIEWS_DIR
+    assert (shelves / "image").is_dir() and not (shelves / "text").exists()
+    assert torch.isfinite(torch.tensor(info["history"][0]["train_loss"]))

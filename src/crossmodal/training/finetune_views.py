@@ -15,6 +15,9 @@ encoder, token budget, first tuned layer and precision. So a rerun, a resumed ru
 rates, epochs or head settings find them there, and only new rows or new settings cost a pass through the frozen
 layers.
 
+With text augmentation off (``train.augment.text``'s rates all 0, the default) every text view is the row's own
+text, so the views reuse the rows' own token ids and frozen text states and no text is run again.
+
 Where the model has no frozen prefix for a modality (every block tuned, or text layers that do not replay), that
 modality's views are kept as raw inputs (pixels, token ids) instead and run through the whole tower each step.
 """
@@ -65,14 +68,21 @@ def train_views(model: FinetunedXattn, images: list, texts: list, image_sha: lis
     tokenizer = model.text.tokenizer
     unk = getattr(tokenizer, "unk_token", None) or UNK
 
-    cleaned = _cleaned(texts)
-    aug_texts = [text_view(t, augment.text, view_seed(text_key(t), v, augment.seed), v, unk) if t else ""
-                 for v in range(1, k + 1) for t in cleaned]
-    enc = tokenizer(aug_texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
+    text = augment.text
+    text_off = text.token_dropout == text.deletion == text.swap == 0  # the default: every text view is the text
+    if text_off:
+        ids, mask = base.input_ids.repeat(k, 1), base.attention_mask.repeat(k, 1)
+    else:
+        cleaned = _cleaned(texts)
+        aug_texts = [text_view(t, text, view_seed(text_key(t), v, augment.seed), v, unk) if t else ""
+                     for v in range(1, k + 1) for t in cleaned]
+        enc = tokenizer(aug_texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
 
     text_prefix = None
-    if base.text_prefix is not None:
+    if base.text_prefix is not None and text_off:
+        text_prefix = base.text_prefix.repeat(k, *([1] * (base.text_prefix.dim() - 1)))
+    elif base.text_prefix is not None:
         header = {"v": VIEWS_VERSION, "kind": "text", "encoder": model.init_args["text_encoder"],
                   "max_length": max_length, "first_tuned": model.text.first_tuned, "precision": precision}
         present = np.flatnonzero([bool(t) for t in aug_texts])
