@@ -83,8 +83,8 @@ def test_greedy_selection_prefers_the_better_head_and_picks_with_replacement():
 def ensemble_run(tmp_path_factory, write_inputs):
     root = tmp_path_factory.mktemp("ensemble")
     (validated, image, text), _ = write_inputs(root / "in")
-    cfg = TrainConfig(heads=["image_only", "text_only", "concat", "late", "linear_probe", "ensemble"], seeds=2,
-                      **FAST)
+    cfg = TrainConfig(heads=["image_only", "text_only", "concat", "late", "stacking", "linear_probe", "ensemble"],
+                      seeds=2, stacking={"folds": 2}, **FAST)
     result = train_all(validated, image, text, cfg, root / "models")
     return root, result, evaluate_all(root / "models", root / "reports")
 
@@ -94,7 +94,7 @@ def test_ensemble_is_built_from_the_trained_heads_and_saved_like_any_head(ensemb
     meta = json.loads((root / "models" / "ensemble" / "head.json").read_text())
     assert meta["family"] == "ensemble" and meta["modality"] == "fusion"
     members = meta["history"][-1]["members"]
-    assert set(members) <= {"image_only", "text_only", "concat", "late", "linear_probe"}
+    assert set(members) <= {"image_only", "text_only", "concat", "late", "stacking", "linear_probe"}
     assert abs(sum(members.values()) - 1) < 1e-9
     # The loaded head's probabilities are the members' saved ones averaged with its weights.
     head = load_head(root / "models" / "ensemble")
@@ -116,6 +116,9 @@ def test_seed_bagging_averages_k_seeds_and_reloads(ensemble_run):
     assert len(head.members) == 2
     first, second = (m.classifier[0].weight for m in head.members)
     assert not np.allclose(first.detach().numpy(), second.detach().numpy())  # two seeds, two different heads
+    # Stacking holds one image_only and one text_only, not the bags: it trained its own base models.
+    stacking = load_head(root / "models" / "stacking")
+    assert stacking.init_args["name"] == "stacking" and "seeds" not in stacking.init_args
 
 
 def test_the_ensemble_needs_heads_on_frozen_features(tmp_path, write_inputs):

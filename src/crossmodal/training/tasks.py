@@ -97,7 +97,10 @@ def plan_training(validated_path, image_path, text_path, cfg: TrainConfig, out_d
             fold_assignment(data.y["train"], tcfg.stacking.folds, tcfg.seed)  # too few rows: say so before training
         except ValueError as err:
             raise TrainError(str(err)) from None
-        deep += [{"name": f"base-{h}", "kind": "base", "head": h} for h in UNIMODAL if h not in frozen]
+        # Stacking reuses image_only's and text_only's trained weights when they are heads of the run; a seed bag
+        # (train.seeds > 1) is an average of several, not the one base model stacking holds: then it trains its own.
+        deep += [{"name": f"base-{h}", "kind": "base", "head": h} for h in UNIMODAL
+                 if h not in frozen or tcfg.seeds > 1]
         folds = folds_to_predict(len(data.y["train"]), tcfg.stacking.folds, tcfg.stacking.oof_rows)
         deep += [{"name": f"fold-{h}-{k}", "kind": "fold", "head": h, "fold": k}
                  for k in range(folds) for h in UNIMODAL]
@@ -278,7 +281,8 @@ def _stacking(task: dict, job: dict, data: SplitFeatures, cfg: TrainConfig, out_
     base = {}
     for name in UNIMODAL:
         trained = out_dir / name / WEIGHTS_FILE
-        base[name] = load_file(str(trained if name in job["heads"] else _part(out_dir, f"base-{name}", ".safetensors")))
+        reused = name in job["heads"] and cfg.seeds == 1  # as planned (plan_training)
+        base[name] = load_file(str(trained if reused else _part(out_dir, f"base-{name}", ".safetensors")))
     head, history = train_stacking(data, cfg, c, base_heads=base, oof=oof)
     seconds = time.perf_counter() - start
     return {"name": task["name"], **save_trained_head(head, history, seconds, data, job["labels"], cfg, out_dir)}
