@@ -321,10 +321,13 @@ def _run_stages(ex: Execution, cfg: Config, run_dir: Path, manifest: str, progre
     features, seen = extract_stage(ex, validated, cfg_dict, cache_dir, force, str(progress_dir), progress_bars,
                                    events)
     # Cached: a Prefect cache hit, or a run that found every feature in the feature store.
-    cached = seen["cached"] or not any(features.get("computed", {}).values())
+    views = features.get("views")  # train.augment with frozen: the training rows' augmented views
+    views_encoded = sum(views["encoded"].values()) if views else 0
+    cached = (seen["cached"] or not any(features.get("computed", {}).values())) and not views_encoded
     stages["extract"] = {"cached": cached, "key": [features["image_key"], features["text_key"]],
                          "seconds": seen["seconds"], "shards": seen["shards"]}
-    _finished(events, "extract", stages["extract"], encoded=features.get("encoded"), reused=features.get("reused"))
+    _finished(events, "extract", stages["extract"], encoded=features.get("encoded"), reused=features.get("reused"),
+              views={"views": views["views"], "rows": views["rows"], "encoded": views_encoded} if views else None)
 
     from crossmodal.pipeline import stages as cached_stages
 

@@ -61,13 +61,13 @@ def test_display_shows_stages_extraction_and_epochs_from_the_files(tmp_path):
 
     stages = event_writer(tmp_path, "stages")
     stages({"stage": "extract", "state": "finished", "seconds": 9.0, "encoded": {"image": 120, "text": 118},
-            "reused": {"image": 0, "text": 2}})
+            "reused": {"image": 0, "text": 2}, "views": {"views": 2, "rows": 84, "encoded": 168}})
     epoch_writer(tmp_path, "text_only")({"epoch": 1, "val_macro_f1": 0.7})
     stages({"stage": "train", "state": "finished", "seconds": 61.0})
     stages({"stage": "evaluate", "state": "cached", "seconds": 0.2})
     lines = display.poll()  # only what is new
     assert lines[0] == "extract features: done in 9.0 s (encoded 120 images, 118 texts; from the store 0 images, " \
-                       "2 texts)"
+                       "2 texts; 2 augmented views of 84 training rows, 168 encoded)"
     assert "train heads: done in 1m01s" in lines
     assert "  concat: 3 epochs, best val macro-F1 0.620 (epoch 2)" in lines
     assert "  text_only: 1 epoch, best val macro-F1 0.700 (epoch 1)" in lines

@@ -192,8 +192,14 @@ class RunDisplay:
             parts = [(what, counts) for what, counts in (("encoded", info["encoded"]),
                                                          ("from the store", info.get("reused") or {}))
                      if any(counts.values())]
-            return "; ".join(f"{what} " + ", ".join(f"{n} {KIND_TITLES.get(k, k)}" for k, n in counts.items())
-                             for what, counts in parts)
+            lines = [f"{what} " + ", ".join(f"{n} {KIND_TITLES.get(k, k)}" for k, n in counts.items())
+                     for what, counts in parts]
+            views = info.get("views")
+            if views:  # train.augment: the frozen heads' views, encoded into the same store
+                lines.append(f"{views['views']} augmented view{'s' if views['views'] != 1 else ''} of "
+                             f"{views['rows']} training rows, "
+                             f"{views['encoded']} encoded")
+            return "; ".join(lines)
         if name == "publish" and info.get("version"):
             return (f"unchanged since version {info['version']}" if stage.state == "cached"
                     else f"version {info['version']}")
