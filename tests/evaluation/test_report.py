@@ -160,6 +160,11 @@ def test_the_page_has_every_section_with_the_run_s_numbers(report, tiny_run):
     assert [r.find_all("td")[0].attrs["data-value"] for r in rows if r.attrs.get("class") == "registered"] == [
         registered]
     assert "points" in doc.find(id="gains").all_text()
+    for r in rows:  # a traditional baseline says which features (and projection) it was built from
+        name = r.find_all("td")[0].attrs["data-value"]
+        if metrics["heads"][name].get("variant"):
+            assert f"[{metrics['heads'][name]['variant']}]" in r.find_all("td")[0].all_text()
+    assert any(metrics["heads"][n].get("variant") for n in metrics["heads"])
 
     # Per head: one collapsible block each, only the registered head open, with its three figures.
     details = doc.find_all("details")

@@ -271,7 +271,7 @@ def _comparison(metrics: dict, meta: dict[str, dict]) -> dict[str, Any]:
     for name, m in heads.items():
         test = m.get("test") or {}
         rows.append({"name": name, "family": m.get("family", "frozen"), "kind": _kind(m.get("modality")),
-                     "registered": name == registered,
+                     "registered": name == registered, "variant": m.get("variant"),
                      "cells": [test.get("accuracy"), test.get("macro_f1"), test.get("roc_auc"), m.get("ece"),
                                 m.get("ece_calibrated"), m.get("temperature"),
                                 (m.get("val") or {}).get("macro_f1"), meta.get(name, {}).get("train_seconds")]})
