@@ -145,6 +145,13 @@ class OgmGeConfig(_Section):
     gaussian_noise: bool = True  # the "GE" part: noise with the gradient's own std added to encoder gradients
 
 
+def _positive_grid(cls, grid: list[float]) -> list[float]:
+    """The check of a logistic regression's ``c_grid`` (the traditional baselines', linear_probe's)."""
+    if not grid or any(c <= 0 for c in grid):
+        raise ValueError("c_grid needs at least one value, all > 0")
+    return grid
+
+
 class TraditionalConfig(_Section):
     """The scikit-learn baselines: TF-IDF text features; colour histograms + HOG or a SIFT bag of visual words for
     images; optionally both projected (PCA / LDA / CCA) before they are fused (crossmodal.training.traditional)."""
@@ -167,12 +174,7 @@ class TraditionalConfig(_Section):
     svd_dim: int = Field(256, ge=2)  # blocks wider than this are reduced first (TF-IDF: TruncatedSVD; images: PCA)
     c_grid: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0])  # inverse regularisation, picked on val
 
-    @field_validator("c_grid")
-    @classmethod
-    def _positive(cls, grid: list[float]) -> list[float]:
-        if not grid or any(c <= 0 for c in grid):
-            raise ValueError("c_grid needs at least one value, all > 0")
-        return grid
+    _positive = field_validator("c_grid")(_positive_grid)
 
     @model_validator(mode="after")
     def _fits_the_image(self) -> TraditionalConfig:
@@ -195,12 +197,7 @@ class LinearProbeConfig(_Section):
     c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0])  # inverse regularisation, picked on val
     max_iter: int = Field(300, ge=10)
 
-    @field_validator("c_grid")
-    @classmethod
-    def _positive(cls, grid: list[float]) -> list[float]:
-        if not grid or any(c <= 0 for c in grid):
-            raise ValueError("c_grid needs at least one value, all > 0")
-        return grid
+    _positive = field_validator("c_grid")(_positive_grid)
 
 
 class EnsembleConfig(_Section):

@@ -19,12 +19,24 @@ def _write_inputs(root: Path, n: int = 150, labels: tuple[str, ...] = ("cat", "d
     text = (rng.normal(size=(n, 6)) + 2 * np.eye(len(labels), 6)[y]).astype(np.float32)
     split = np.array(["train", "val", "test"])[np.arange(n) % 5 % 3]  # 40/40/20, every split has rows
     df = pd.DataFrame({"id": [f"id{i}" for i in range(n)], "label": [labels[k] for k in y], "split": split})
+    return _save_inputs(root, df, image, text), df
+
+
+def _save_inputs(root: Path, df: pd.DataFrame, image: np.ndarray, text: np.ndarray):
+    """``df`` as validated.parquet and the two feature arrays as image.npy and text.npy under ``root``; their paths."""
     root.mkdir(parents=True, exist_ok=True)
     paths = root / "validated.parquet", root / "image.npy", root / "text.npy"
     df.to_parquet(paths[0])
     np.save(paths[1], image)
     np.save(paths[2], text)
-    return paths, df
+    return paths
+
+
+@pytest.fixture(scope="session")
+def save_inputs():
+    """``save_inputs(root, table, image, text)``: train_all's input files from a table and feature arrays you built;
+    returns (validated.parquet, image.npy, text.npy)."""
+    return _save_inputs
 
 
 @pytest.fixture(scope="session")

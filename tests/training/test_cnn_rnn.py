@@ -18,7 +18,7 @@ WORDS = {"cat": ["cat", "kitten", "tabby"], "dog": ["dog", "puppy", "hound"], "b
 SETTINGS = {"epochs": 12, "hidden": 16, "patience": 4, "batch_size": 16}
 
 
-def _inputs(root, n=150, seed=0):
+def _inputs(save, root, n=150, seed=0):
     """validated.parquet with texts, image.npy (weakly telling the label), text.npy; one train row without text
     and one without image."""
     rng = np.random.default_rng(seed)
@@ -33,18 +33,13 @@ def _inputs(root, n=150, seed=0):
     image[5] = np.nan  # row 5 (train): no image
     df = pd.DataFrame({"id": [f"id{i}" for i in range(n)], "label": [labels[k] for k in y], "split": split,
                        "text": texts})
-    root.mkdir(parents=True, exist_ok=True)
-    paths = root / "validated.parquet", root / "image.npy", root / "text.npy"
-    df.to_parquet(paths[0])
-    np.save(paths[1], image)
-    np.save(paths[2], text)
-    return paths, df
+    return save(root, df, image, text), df
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, save_inputs):
     root = tmp_path_factory.mktemp("cnn_rnn")
-    paths, df = _inputs(root)
+    paths, df = _inputs(save_inputs, root)
     cfg = TrainConfig(heads=["concat", "cnn_rnn"], max_epochs=5, cnn_rnn=SETTINGS)
     result = train_all(*paths, cfg, root / "models", EncodersConfig(), progress_dir=root / "progress")
     return {"root": root, "paths": paths, "df": df, "cfg": cfg, "result": result, "dir": root / "models" / "cnn_rnn"}
