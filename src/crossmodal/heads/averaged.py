@@ -35,6 +35,12 @@ class AveragedHead(nn.Module):
         self.has_gates = all(getattr(m, "has_gates", False) for m in members)
         self.decides_missing_alone = all(getattr(m, "decides_missing_alone", False) for m in members)
 
+    @classmethod
+    def seed_bag(cls, members: list[nn.Module]) -> AveragedHead:
+        """K copies of one head (trained from K seeds), equal weights; saved under the head's own name with
+        ``init_args["seeds"] = K``, which ``crossmodal.heads.registry.build_head`` rebuilds."""
+        return cls(members, [1.0] * len(members), {**members[0].init_args, "seeds": len(members)})
+
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_gates: bool = False):
         parts, gates = [], []
         for k, member in enumerate(self.members):

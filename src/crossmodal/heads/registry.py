@@ -80,7 +80,7 @@ def build_head(
     if seeds > 1:
         members = [build_head(name, image_dim, text_dim, num_classes, cfg, hidden_dim=hidden_dim, dropout=dropout,
                               **extra) for _ in range(seeds)]
-        return AveragedHead(members, [1.0] * seeds, {**members[0].init_args, "seeds": seeds})
+        return AveragedHead.seed_bag(members)
     if name not in HEADS:
         raise ValueError(f"unknown fusion head {name!r}; choose from {list(HEADS)} (traditional_* heads are "
                          "scikit-learn baselines: see crossmodal.training.traditional)")

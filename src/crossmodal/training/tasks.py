@@ -259,7 +259,7 @@ def _seed_bag(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: int
         members.append(head)
         history = history or run
         history[-1].setdefault("seed_best_epochs", []).append(best_epoch(run))
-    return AveragedHead(members, [1.0] * cfg.seeds, {**members[0].init_args, "seeds": cfg.seeds}).eval(), history
+    return AveragedHead.seed_bag(members).eval(), history
 
 
 def _part(out_dir: Path, name: str, suffix: str) -> Path:
