@@ -9,7 +9,7 @@ from crossmodal.config import TrainConfig
 from crossmodal.errors import TrainError
 from crossmodal.heads import registry
 from crossmodal.training.dataset import load_split_features
-from crossmodal.training.loop import train_head, train_views
+from crossmodal.training.loop import frozen_views, train_head
 
 K = 2
 
@@ -84,14 +84,14 @@ def test_each_epoch_sees_every_row_once_as_one_of_its_views(inputs, tmp_path, mo
 
 def test_stacked_views_and_their_checks(inputs, tmp_path):
     data = with_views(inputs, tmp_path, lambda rows, k: rows + k)
-    image, text, generator = train_views(data, cfg(frozen=True))
+    image, text, generator = frozen_views(data, cfg(frozen=True))
     assert image.shape == (K + 1, *data.image["train"].shape) and text.shape[0] == K + 1
     np.testing.assert_array_equal(image[0].numpy(), data.image["train"])
     np.testing.assert_array_equal(image[2].numpy(), data.image["train"] + 2)
     assert isinstance(generator, torch.Generator)
-    assert train_views(data, cfg()) is None and train_views(load_split_features(*inputs)[0], cfg(frozen=True)) is None
+    assert frozen_views(data, cfg()) is None and frozen_views(load_split_features(*inputs)[0], cfg(frozen=True)) is None
     with pytest.raises(TrainError, match="train.augment.views is 3"):
-        train_views(data, cfg(frozen=True, views=3))
+        frozen_views(data, cfg(frozen=True, views=3))
     bad = {"image_path": tmp_path / "image-views.npy", "text_path": tmp_path / "short.npy"}
     np.save(bad["text_path"], np.zeros((K, 3, 6), dtype=np.float32))
     with pytest.raises(TrainError, match="stale"):

@@ -16,7 +16,6 @@ decided well by the branch it has. On one thread, as every training task (``loop
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +34,9 @@ from crossmodal.training.loop import (
     TRAIN_THREADS,
     VAL_BATCH,
     BatchStream,
+    EarlyStopping,
     balanced_class_weights,
     best_epoch,
-    is_better,
     macro_f1,
     make_optimizer,
     torch_threads,
@@ -116,7 +115,7 @@ def _train(validated_path, data, cfg: TrainConfig, encoders: EncodersConfig, num
     batches = BatchStream(len(y), rc.batch_size, torch.Generator().manual_seed(cfg.seed))
 
     history: list[dict] = []
-    best_f1, best_loss, best_state, stale = -1.0, float("inf"), None, 0
+    stopping = EarlyStopping(rc.patience)
     for epoch in range(1, rc.epochs + 1):
         head.train()
         total, seen = 0.0, 0
@@ -140,15 +139,9 @@ def _train(validated_path, data, cfg: TrainConfig, encoders: EncodersConfig, num
         if not np.isfinite(total):
             raise TrainError(f"head cnn_rnn: training loss became {total} at epoch {epoch}; lower train.cnn_rnn.lr "
                              f"(now {rc.lr})")
-        # As the shared loop: patience counts epochs without a macro-F1 gain; an equal F1 with a lower loss is
-        # kept but does not reset the count.
-        stale = 0 if val_f1 > best_f1 + 1e-12 else stale + 1
-        if is_better(val_f1, val_loss, best_f1, best_loss):
-            best_f1, best_loss = val_f1, val_loss
-            best_state = copy.deepcopy(head.state_dict())
-        if stale >= rc.patience:
+        if stopping.update(val_f1, val_loss, head):  # the shared loop's rule
             break
-    head.load_state_dict(best_state)
+    head.load_state_dict(stopping.best_state)
     return TrainedCnnRnn(head.eval(), history, tokens)
 
 

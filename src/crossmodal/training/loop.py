@@ -64,6 +64,25 @@ def is_better(f1: float, loss: float, best_f1: float, best_loss: float) -> bool:
     return f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and loss < best_loss)
 
 
+class EarlyStopping:
+    """The epoch to keep and when to stop, on validation macro-F1 (ties: lower loss; :func:`is_better`).
+
+    Patience counts epochs without a macro-F1 gain; an equal F1 with a lower loss still becomes the kept state,
+    but does not reset the count (a flat F1 must end training)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_f1, self.best_loss, self.best_state, self.stale = -1.0, float("inf"), None, 0
+
+    def update(self, f1: float, loss: float, module) -> bool:
+        """Record an epoch's scores (a copy of ``module``'s state when it is the best); True when training stops."""
+        self.stale = 0 if f1 > self.best_f1 + 1e-12 else self.stale + 1
+        if is_better(f1, loss, self.best_f1, self.best_loss):
+            self.best_f1, self.best_loss = f1, loss
+            self.best_state = copy.deepcopy(module.state_dict())
+        return self.stale >= self.patience
+
+
 def modality_dropout(image, text, rate: float, generator):
     """Hide each row's image, or its text, with chance ``rate`` (rows set to NaN); never both of one row.
 
@@ -175,7 +194,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
         return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
 
     xi, xt, y = tensor(data.image["train"]), tensor(data.text["train"]), tensor(data.y["train"], torch.int64)
-    views = train_views(data, cfg)  # (K + 1, n, D) per modality with train.augment.frozen, else None
+    views = frozen_views(data, cfg)  # (K + 1, n, D) per modality with train.augment.frozen, else None
     vi, vt, vy = tensor(data.image["val"]), tensor(data.text["val"]), tensor(data.y["val"], torch.int64)
     weight = tensor(balanced_class_weights(data.y["train"], num_classes)) if cfg.class_weights else None
     criterion = make_criterion(cfg, weight)
@@ -192,7 +211,7 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
     n = len(y)
     batches = BatchStream(n, cfg.batch_size, generator)
     history: list[dict] = []
-    best_f1, best_loss, best_state, stale = -1.0, float("inf"), None, 0
+    stopping = EarlyStopping(cfg.patience)
     for epoch in range(1, cfg.max_epochs + 1):
         head.train()
         total = 0.0
@@ -228,23 +247,17 @@ def _train_head(name: str, data: SplitFeatures, cfg: TrainConfig, num_classes: i
             raise TrainError(
                 f"head {name!r}: training loss became {total} at epoch {epoch}; lower train.lr (now {cfg.lr})"
             )
-        # Patience counts epochs without a macro-F1 gain; an equal F1 with a lower loss still becomes
-        # the kept state, but does not reset the count (a flat F1 must end training).
-        stale = 0 if val_f1 > best_f1 + 1e-12 else stale + 1
-        if is_better(val_f1, val_loss, best_f1, best_loss):
-            best_f1, best_loss = val_f1, val_loss
-            best_state = copy.deepcopy(head.state_dict())
-        if stale >= cfg.patience:
+        if stopping.update(val_f1, val_loss, head):
             break
 
-    head.load_state_dict(best_state)
+    head.load_state_dict(stopping.best_state)
     if hasattr(head, "fit_on_validation"):
         head.fit_on_validation(vi, vt, data.y["val"])
     head.eval()
     return head, history
 
 
-def train_views(data: SplitFeatures, cfg: TrainConfig):
+def frozen_views(data: SplitFeatures, cfg: TrainConfig):
     """``(image, text, generator)``: the training rows (view 0) stacked on their augmented views, float32
     (K + 1, n, D) each, and the generator the epochs draw a view per row from; None unless
     ``train.augment.frozen`` is on and ``data`` has the views (a stacking fold's subset has none: it trains on
