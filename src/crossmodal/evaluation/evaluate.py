@@ -101,8 +101,9 @@ def evaluate_all(train_dir, out_dir) -> dict:
         plots = out_dir / PLOTS_DIR
         plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
         plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
+        is_ensemble = meta.get("family") == "ensemble"
         guard = guarded_temperature(pred["val_y"], check_proba(pred["val_y"], pred["val_proba"], labels)[1],
-                                    in_sample=meta.get("family") == "ensemble")
+                                    in_sample=is_ensemble)
         temperature = guard["temperature"]
         test_cal = compute_metrics(y_test, apply_temperature(p_test, temperature), labels)
         plot_reliability(y_test, p_test, apply_temperature(p_test, temperature), temperature,
@@ -114,7 +115,7 @@ def evaluate_all(train_dir, out_dir) -> dict:
         for key in ("variant", "image_features", "projection"):  # what a traditional baseline was built from
             if key in meta:
                 heads[name][key] = meta[key]
-        if meta.get("init_args", {}).get("name") == "ensemble":
+        if is_ensemble:
             heads[name]["members"] = meta["history"][-1].get("members")
         if "processes" in meta:  # the fine-tuned head: how many data-parallel processes trained it
             heads[name]["processes"] = meta["processes"]
