@@ -223,7 +223,10 @@ def test_run_ends_with_the_tables_in_plain_text_off_a_terminal_or_with_plain(mon
                                         ("linear_probe", "fusion", 0.75), ("traditional_concat", "fusion", 0.6))}
     heads["traditional_concat"].update(family="traditional", variant="tfidf+sift_bovw+lda")
     metrics = {"heads": heads, "best_fusion": "concat", "best_unimodal": "text_only", "fusion_gain_macro_f1": 0.1,
-               "fusion_gain_over_linear_probe": 0.05}
+               "fusion_gain_over_linear_probe": 0.05,
+               "fusion_gain_interval": {"over_unimodal": {"delta": 0.1, "ci_low": 0.02, "ci_high": 0.18,
+                                                          "confidence": 0.95, "n_rows": 300},
+                                        "over_linear_probe": None}}
     (tmp_path / "work" / "reports" / METRICS_FILE).write_text(json.dumps(metrics))
     base = ["run", "--params", str(tmp_path / "none.yaml")]
 
@@ -232,7 +235,8 @@ def test_run_ends_with_the_tables_in_plain_text_off_a_terminal_or_with_plain(mon
     assert "\x1b[" not in piped.output and "─" not in piped.output
     lines = piped.output.splitlines()
     assert "comparison (test rows)" in lines and any(line.startswith("concat ") and "|" in line for line in lines)
-    assert "best fusion concat beats best unimodal text_only by +10.0 macro-F1 points" in lines
+    assert ("best fusion concat beats best unimodal text_only by +10.0 macro-F1 points "
+            "(95% CI +2.0 to +18.0 points, 300 test rows)") in lines
     assert "best fusion concat beats linear_probe by +5.0 macro-F1 points" in lines
     assert any(line.startswith("traditional_concat [tfidf+sift_bovw+lda] ") for line in lines)
     assert lines[-3:] == ["rows: 0 in = 0 kept + 0 quarantined", "model: best head concat (not registered)",

@@ -155,9 +155,16 @@ def test_evaluate_all_writes_metrics_plots_and_per_class(trained):
     assert heads[metrics["best_head"]]["val"]["macro_f1"] == max(h["val"]["macro_f1"] for h in heads.values())
     gain = heads[metrics["best_fusion"]]["test"]["macro_f1"] - heads[metrics["best_unimodal"]]["test"]["macro_f1"]
     assert metrics["fusion_gain_macro_f1"] == pytest.approx(gain)
+    # the gain comes with a paired bootstrap interval on the same test rows
+    interval = metrics["fusion_gain_interval"]["over_unimodal"]
+    assert interval["delta"] == pytest.approx(gain) and interval["n_rows"] == len(np.load(
+        trained / "train" / "concat" / "predictions.npz")["test_y"])
+    assert interval["ci_low"] <= interval["delta"] <= interval["ci_high"] and interval["confidence"] == 0.95
+    assert metrics["fusion_gain_interval"]["over_linear_probe"] is None  # no probe trained here
     assert metrics["selection_metric"] == "macro_f1"
     table = comparison_table(metrics)
     assert len(table.splitlines()) == 2 + 8 + 1 and metrics["best_fusion"] in table.splitlines()[-1]
+    assert f"95% CI {100 * interval['ci_low']:+.1f} to {100 * interval['ci_high']:+.1f} points" in table
 
 
 def test_evaluate_all_needs_a_training_output(tmp_path):
@@ -184,5 +191,6 @@ def test_evaluate_all_tolerates_a_split_without_test_rows(tmp_path):
     assert metrics["heads"]["concat"]["test"]["macro_f1"] is None
     assert metrics["heads"]["concat"]["val"]["n"] == 10
     assert metrics["best_fusion"] == "concat" and metrics["fusion_gain_macro_f1"] is None
+    assert metrics["fusion_gain_interval"] == {"over_unimodal": None, "over_linear_probe": None}
     assert (tmp_path / "out" / "plots" / "concat_roc.png").is_file()
     assert "n/a" in comparison_table(metrics)

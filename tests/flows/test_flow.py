@@ -39,6 +39,8 @@ def test_training_flow_end_to_end(prefect_api, demo_dir, tmp_path, monkeypatch, 
     assert summary["best_fusion"] not in ("image_only", "text_only")
     assert summary["best_unimodal"] in ("image_only", "text_only")
     assert isinstance(summary["fusion_gain_macro_f1"], float)
+    gain = summary["fusion_gain_interval"]["over_unimodal"]
+    assert gain["delta"] == summary["fusion_gain_macro_f1"] and gain["ci_low"] <= gain["delta"] <= gain["ci_high"]
     rows = summary["rows"]
     assert rows["in"] == rows["kept"] + rows["quarantined"]
     assert summary["mlflow"]["champion_version"] == "1"

@@ -106,6 +106,7 @@ def test_ensemble_is_built_from_the_trained_heads_and_saved_like_any_head(ensemb
     assert metrics["heads"]["linear_probe"]["family"] == "baseline"
     gain = metrics["heads"]["ensemble"]["test"]["macro_f1"] - metrics["heads"]["linear_probe"]["test"]["macro_f1"]
     assert metrics["fusion_gain_over_linear_probe"] == pytest.approx(gain)
+    assert metrics["fusion_gain_interval"]["over_linear_probe"]["delta"] == pytest.approx(gain)
 
 
 def test_seed_bagging_averages_k_seeds_and_reloads(ensemble_run):

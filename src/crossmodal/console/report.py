@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from crossmodal.console.terminal import Terminal
+from crossmodal.evaluation.tables import interval_text
 
 BEST = "bold green"
 # (title, how to read it from a head's metrics, higher is better)
@@ -107,7 +108,8 @@ def fusion_line(metrics: dict, registered: str | None = None) -> tuple[str, str]
     mark = f" (* registered: {registered})" if registered else ""
     if fusion and unimodal and gain is not None:
         verb = "beats" if gain >= 0 else "trails"
-        return (f"best fusion {fusion} {verb} best unimodal {unimodal} by {100 * gain:+.1f} macro-F1 points{mark}",
+        return (f"best fusion {fusion} {verb} best unimodal {unimodal} by {100 * gain:+.1f} macro-F1 points"
+                f"{interval_text(metrics, 'over_unimodal')}{mark}",
                 "green" if gain >= 0 else "yellow")
     return f"fusion gain: n/a (needs a fusion head and a unimodal head with test rows){mark}", "yellow"
 
@@ -119,7 +121,8 @@ def probe_line(metrics: dict) -> tuple[str, str] | None:
     if not fusion or gain is None:
         return None
     verb = "beats" if gain >= 0 else "trails"
-    return f"best fusion {fusion} {verb} linear_probe by {100 * gain:+.1f} macro-F1 points", (
+    return f"best fusion {fusion} {verb} linear_probe by {100 * gain:+.1f} macro-F1 points" + interval_text(
+        metrics, "over_linear_probe"), (
         "green" if gain >= 0 else "yellow")
 
 

@@ -10,7 +10,7 @@ Writes under ``out_dir`` (names in ``crossmodal.artifacts``):
                                  "temperature", "ece", "ece_calibrated", "missing_text", "missing_image",
                                  "attribution"}}, "labels", "best_fusion", "best_unimodal", "best_head",
                                  "best_traditional", "registered_head", "fusion_gain_macro_f1",
-                                 "fusion_gain_over_linear_probe", "selection_metric"}
+                                 "fusion_gain_over_linear_probe", "fusion_gain_interval", "selection_metric"}
     robustness.md                each head's test macro-F1 with both modalities, without text, without image
     plots/<head>_confusion.png, <head>_roc.png, <head>_reliability.png   test confusion, ROC, reliability
     per_class/<head>.json        sklearn classification_report on test
@@ -20,6 +20,10 @@ test. ``registered_head`` is the ``ensemble`` when it was trained, else the best
 head when no fusion head was trained); the baselines (family "traditional", and ``linear_probe``, family
 "baseline") are compared, never registered. ``fusion_gain_over_linear_probe`` is the registered fusion head's test
 macro-F1 minus the linear probe's: what the deep heads add over a logistic regression on the same features.
+``fusion_gain_interval`` says how far each gain can be trusted: ``{"over_unimodal", "over_linear_probe"}``, each the
+paired bootstrap of ``crossmodal.evaluation.comparison`` on the test rows (``delta``, its 95 % ``ci_low`` and
+``ci_high``, ``n_rows``), or null where the gain is. On a few hundred test rows with small classes, one class's
+F1 moves the macro average by several points, so a gain whose interval spans zero is not a win.
 Every head gets a temperature fitted on validation and kept only when the cross-fitted guard of
 ``crossmodal.evaluation.calibration`` accepts it (``calibration`` records why; never for the ensemble, whose
 members were chosen on those rows); it keeps the argmax, so accuracy,
@@ -45,11 +49,14 @@ from crossmodal.artifacts import (
     ROBUSTNESS_FILE,
 )
 from crossmodal.evaluation.calibration import apply_temperature, guarded_temperature
+from crossmodal.evaluation.comparison import paired_bootstrap
 from crossmodal.evaluation.metrics import attribution_summary, check_proba, compute_metrics
 from crossmodal.evaluation.plots import plot_confusion, plot_reliability, plot_roc
 from crossmodal.evaluation.tables import robustness_table
 
 SELECTION_METRIC = "macro_f1"
+GAIN_RESAMPLES = 2000
+GAIN_INTERVAL_KEYS = ("delta", "ci_low", "ci_high", "confidence", "n_rows", "resamples")
 
 
 def _pick(heads: dict, names: list[str]) -> str | None:
@@ -80,6 +87,7 @@ def evaluate_all(train_dir, out_dir) -> dict:
     (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / PER_CLASS_DIR).mkdir(parents=True, exist_ok=True)
     heads: dict[str, dict] = {}
+    tested: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # head: (test ids, y, proba), for the gains
     for name in names:
         meta = json.loads((train_dir / name / HEAD_FILE).read_text())
         with np.load(train_dir / name / PREDICTIONS_FILE, allow_pickle=False) as npz:
@@ -87,6 +95,7 @@ def evaluate_all(train_dir, out_dir) -> dict:
         val = compute_metrics(pred["val_y"], pred["val_proba"], labels)
         test = compute_metrics(pred["test_y"], pred["test_proba"], labels)
         y_test, p_test = pred["test_y"].astype(np.int64), pred["test_proba"].astype(np.float64)
+        tested[name] = (pred["test_ids"].astype(str), y_test, p_test)
         per_class = {}
         if len(y_test):
             per_class = classification_report(
@@ -142,6 +151,17 @@ def evaluate_all(train_dir, out_dir) -> dict:
         f, u = heads[a]["test"]["macro_f1"], heads[b]["test"]["macro_f1"]
         return None if f is None or u is None else float(f - u)
 
+    def gain_interval(a, b):
+        """Paired bootstrap of test macro-F1 of ``a`` minus ``b``; None where the gain is undefined or the two
+        were scored on other rows."""
+        if test_gain(a, b) is None:
+            return None
+        (ids_a, y, proba_a), (ids_b, _, proba_b) = tested[a], tested[b]
+        if not np.array_equal(ids_a, ids_b):
+            return None
+        stats = paired_bootstrap(y, proba_b, proba_a, labels, SELECTION_METRIC, GAIN_RESAMPLES)
+        return {k: stats[k] for k in GAIN_INTERVAL_KEYS}
+
     probe = "linear_probe" if "linear_probe" in heads else None
     metrics = {
         "heads": heads,
@@ -153,6 +173,8 @@ def evaluate_all(train_dir, out_dir) -> dict:
         "registered_head": best_fusion or _pick(heads, deep),
         "fusion_gain_macro_f1": test_gain(best_fusion, best_unimodal),
         "fusion_gain_over_linear_probe": test_gain(best_fusion, probe),
+        "fusion_gain_interval": {"over_unimodal": gain_interval(best_fusion, best_unimodal),
+                                 "over_linear_probe": gain_interval(best_fusion, probe)},
         "selection_metric": SELECTION_METRIC,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))

@@ -47,6 +47,7 @@ from crossmodal.artifacts import (
     WEIGHTS_FILE,
 )
 from crossmodal.errors import ReportError
+from crossmodal.evaluation.tables import interval_text
 from crossmodal.files import write_bytes
 
 THUMB_PX = 96  # longest side of a thumbnail
@@ -284,7 +285,7 @@ def _comparison(metrics: dict, meta: dict[str, dict]) -> dict[str, Any]:
     fusion, unimodal = metrics.get("best_fusion"), metrics.get("best_unimodal")
     if fusion and unimodal and metrics.get("fusion_gain_macro_f1") is not None:
         gains.append({"what": f"best fusion {fusion} vs best unimodal {unimodal}",
-                      "gain": metrics["fusion_gain_macro_f1"]})
+                      "gain": metrics["fusion_gain_macro_f1"], "interval": interval_text(metrics, "over_unimodal")})
     compared = set()
     for baseline, what in (("linear_probe", "the linear_probe baseline"),
                            (metrics.get("best_traditional"), "the best traditional baseline")):
@@ -292,7 +293,8 @@ def _comparison(metrics: dict, meta: dict[str, dict]) -> dict[str, Any]:
                 and test_f1(fusion) is not None and test_f1(baseline) is not None:
             compared.add(baseline)
             gains.append({"what": f"best fusion {fusion} vs {what} {baseline}",
-                          "gain": test_f1(fusion) - test_f1(baseline)})
+                          "gain": test_f1(fusion) - test_f1(baseline),
+                          "interval": interval_text(metrics, "over_linear_probe") if baseline == "linear_probe" else ""})
     return {"rows": rows, "gains": gains, "registered": registered, "best_unimodal": unimodal,
             "best_traditional": metrics.get("best_traditional"), "selection": metrics.get("selection_metric")}
 

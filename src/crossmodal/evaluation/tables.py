@@ -7,6 +7,17 @@
 from __future__ import annotations
 
 
+def interval_text(metrics: dict, versus: str) -> str:
+    """" (95% CI +1.2 to +8.3 points, 612 test rows)" for the gain of the best fusion head over ``versus``
+    (``over_unimodal`` or ``over_linear_probe`` of ``metrics["fusion_gain_interval"]``); "" without one."""
+    block = (metrics.get("fusion_gain_interval") or {}).get(versus) or {}
+    low, high = block.get("ci_low"), block.get("ci_high")
+    if low is None or high is None:
+        return ""
+    level = round(100 * block.get("confidence", 0.95))
+    return f" ({level}% CI {100 * low:+.1f} to {100 * high:+.1f} points, {block['n_rows']} test rows)"
+
+
 def robustness_table(metrics: dict) -> str:
     """Markdown table: each head's test macro-F1 with both modalities, without text and without image."""
 
@@ -61,11 +72,13 @@ def comparison_table(metrics: dict) -> str:
     if fusion and unimodal and gain is not None:
         verb = "beats" if gain >= 0 else "trails"
         points = f"{100 * gain:+.1f}"
-        lines.append(f"best fusion {fusion} {verb} best unimodal {unimodal} by {points} macro-F1 points (test)")
+        lines.append(f"best fusion {fusion} {verb} best unimodal {unimodal} by {points} macro-F1 points (test)"
+                     + interval_text(metrics, "over_unimodal"))
     else:
         lines.append("fusion gain: n/a (needs at least one fusion head and one unimodal head with test rows)")
     probe_gain = metrics.get("fusion_gain_over_linear_probe")
     if fusion and probe_gain is not None:
         verb = "beats" if probe_gain >= 0 else "trails"
-        lines.append(f"best fusion {fusion} {verb} linear_probe by {100 * probe_gain:+.1f} macro-F1 points (test)")
+        lines.append(f"best fusion {fusion} {verb} linear_probe by {100 * probe_gain:+.1f} macro-F1 points (test)"
+                     + interval_text(metrics, "over_linear_probe"))
     return "\n".join(lines)

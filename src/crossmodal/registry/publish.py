@@ -11,7 +11,7 @@ written as JSON for scripts and schedulers::
     {"heads": {HEAD: {"accuracy", "macro_f1", "roc_auc", "ece", "ece_calibrated", "temperature", "family",
      "modality", "missing_text", "missing_image"}}, "best_fusion", "best_unimodal", "best_head",
      "registered_head", "best_traditional", "selection_metric", "fusion_gain_macro_f1",
-     "fusion_gain_over_linear_probe",
+     "fusion_gain_over_linear_probe", "fusion_gain_interval" (``crossmodal.evaluation.evaluate``),
      "rows": {"in", "kept", "quarantined", "quarantine_file", "validated_file", "split_counts", "split_source"},
      "features": {"image": {"encoded", "reused"}, "text": {"encoded", "reused"}} (distinct items; null when the
                  extraction result is not passed in, as from ``crossmodal register``),
@@ -125,6 +125,7 @@ def build_summary(metrics: dict[str, Any], validation: dict[str, Any], quarantin
         "selection_metric": metrics.get("selection_metric", "macro_f1"),
         "fusion_gain_macro_f1": metrics.get("fusion_gain_macro_f1"),
         "fusion_gain_over_linear_probe": metrics.get("fusion_gain_over_linear_probe"),
+        "fusion_gain_interval": metrics.get("fusion_gain_interval"),
         "rows": {"in": validation["rows_in"], "kept": validation["rows_kept"],
                  "quarantined": validation["rows_quarantined"], "quarantine_file": quarantine_file,
                  "validated_file": validated_file, "split_counts": validation.get("split_counts"),

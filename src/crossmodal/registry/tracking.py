@@ -370,6 +370,11 @@ def log_pipeline(cfg: Config, manifest_path: str | Path, validated_dir: str | Pa
         _log_metrics(client, run_id, best_metrics.get("val") or {}, "val_")
         _log_metrics(client, run_id, {k: metrics.get(k) for k in ("fusion_gain_macro_f1",
                                                                    "fusion_gain_over_linear_probe")})
+        for versus, prefix in (("over_unimodal", "fusion_gain_macro_f1"),
+                               ("over_linear_probe", "fusion_gain_over_linear_probe")):
+            block = (metrics.get("fusion_gain_interval") or {}).get(versus) or {}
+            _log_metrics(client, run_id, {f"{prefix}_ci_low": block.get("ci_low"),
+                                          f"{prefix}_ci_high": block.get("ci_high")})
         for name in (QUARANTINE_FILE, VALIDATION_FILE):
             client.log_artifact(run_id, str(validated_dir / name), "data")
         if (validated_dir / DATA_DOCS_DIR).exists():
