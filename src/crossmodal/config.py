@@ -201,11 +201,15 @@ class LinearProbeConfig(_Section):
 
 
 class EnsembleConfig(_Section):
-    """``ensemble``: greedy selection with replacement (Caruana et al. 2004) over the trained heads' validation
-    probabilities."""
+    """``ensemble``: which trained heads it averages, chosen on their validation probabilities
+    (``crossmodal.training.ensemble``)."""
 
-    rounds: int = Field(30, ge=1, le=1000)  # members picked (with replacement); a head's weight = its share
-    metric: Literal["log_loss", "macro_f1"] = "log_loss"  # what each pick improves on validation
+    # within_se: every head whose temperature-scaled validation log-loss is within `width` standard errors of
+    # the best head's, equal weights; greedy: selection with replacement (Caruana et al. 2004)
+    selection: Literal["within_se", "greedy"] = "within_se"
+    width: float = Field(2.0, gt=0, le=10)  # within_se: standard errors of the paired, grouped difference
+    rounds: int = Field(30, ge=1, le=1000)  # greedy: members picked (with replacement); a head's weight = its share
+    metric: Literal["log_loss", "macro_f1"] = "log_loss"  # greedy: what each pick improves on validation
 
 
 class CnnRnnConfig(_Section):

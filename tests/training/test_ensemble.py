@@ -13,7 +13,7 @@ from crossmodal.evaluation.evaluate import evaluate_all
 from crossmodal.heads.files import load_head
 from crossmodal.heads.inference import predict_proba
 from crossmodal.training.dataset import SplitFeatures
-from crossmodal.training.ensemble import select_members
+from crossmodal.training.ensemble import select_members, within_se_members
 from crossmodal.training.linear_probe import train_linear_probe
 from crossmodal.training.train import train_all
 
@@ -79,6 +79,41 @@ def test_greedy_selection_prefers_the_better_head_and_picks_with_replacement():
         select_members({"a": a[:0]}, y[:0])
 
 
+def _noisy(y, flip, seed, classes=3, confidence=0.8):
+    """Probabilities that put ``confidence`` on the true class except on a random ``flip`` share of rows."""
+    rng = np.random.default_rng(seed)
+    p = np.full((len(y), classes), (1 - confidence) / (classes - 1))
+    wrong = rng.random(len(y)) < flip
+    p[np.arange(len(y)), np.where(wrong, (y + 1) % classes, y)] = confidence
+    return p
+
+
+def test_within_se_keeps_the_heads_indistinguishable_from_the_best_with_equal_weights():
+    y = np.random.default_rng(0).integers(0, 3, 600)
+    heads = {"best": _noisy(y, 0.10, 1), "close": _noisy(y, 0.11, 2), "far": _noisy(y, 0.45, 3)}
+    counts, record = within_se_members(heads, y)
+    assert counts == {"best": 1, "close": 1}
+    assert record["far"]["gap"] > 2 * record["far"]["se"] and not record["far"]["kept"]
+    assert record["best"]["gap"] == 0 and record["best"]["kept"]
+    # An under-confident head that ranks rows as well is judged after its own temperature, so it stays.
+    soft = heads["close"] ** 0.3
+    soft /= soft.sum(1, keepdims=True)
+    assert within_se_members({"best": heads["best"], "soft": soft}, y)[0] == {"best": 1, "soft": 1}
+
+
+def test_within_se_counts_a_group_once_so_repeated_rows_widen_the_interval():
+    # 150 units of four rows each (an item at four sizes): the same evidence as 150 rows, not 600.
+    units = np.random.default_rng(4).integers(0, 3, 150)
+    y, groups = np.repeat(units, 4), np.repeat(np.arange(150), 4)
+    a, b = np.repeat(_noisy(units, 0.10, 5), 4, axis=0), np.repeat(_noisy(units, 0.16, 6), 4, axis=0)
+    _, by_row = within_se_members({"a": a, "b": b}, y)
+    _, by_unit = within_se_members({"a": a, "b": b}, y, groups)
+    assert by_unit["b"]["gap"] == pytest.approx(by_row["b"]["gap"])
+    assert by_unit["b"]["se"] == pytest.approx(2 * by_row["b"]["se"], rel=0.05)  # sqrt(4) wider
+    with pytest.raises(TrainError, match="val split has none"):
+        within_se_members({"a": a[:0]}, y[:0])
+
+
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, write_inputs):
     root = tmp_path_factory.mktemp("ensemble")
@@ -96,6 +131,11 @@ def test_ensemble_is_built_from_the_trained_heads_and_saved_like_any_head(ensemb
     members = meta["history"][-1]["members"]
     assert set(members) <= {"image_only", "text_only", "concat", "late", "stacking", "linear_probe"}
     assert abs(sum(members.values()) - 1) < 1e-9
+    candidates = meta["history"][-1]["candidates"]  # the default selection (within_se) says why each was kept
+    assert set(candidates) == {"image_only", "text_only", "concat", "late", "stacking", "linear_probe"}
+    assert {n for n, c in candidates.items() if c["kept"]} == set(members)
+    assert len(set(members.values())) == 1  # equal weights
+    assert metrics["heads"]["ensemble"]["selection"] == candidates
     # The loaded head's probabilities are the members' saved ones averaged with its weights.
     head = load_head(root / "models" / "ensemble")
     npz = np.load(root / "models" / "ensemble" / "predictions.npz")

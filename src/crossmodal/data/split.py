@@ -57,16 +57,20 @@ def unit_position(unit: str, seed: int) -> float:
     return int.from_bytes(h.digest(), "big") / 2.0**64
 
 
+def split_units(df: pd.DataFrame) -> list[str]:
+    """Each row's unit: ``"g:<group>"`` when it has a group, else ``"i:<id>"`` (so a group named like some row's
+    id stays apart from that row). Rows of one unit share a split, and are one piece of evidence, not several."""
+    ids = df["id"].tolist()
+    groups = df["group"].tolist() if "group" in df.columns else [None] * len(df)
+    return [f"i:{i}" if _absent(g) else f"g:{g}" for g, i in zip(groups, ids, strict=True)]
+
+
 def assign_splits(df: pd.DataFrame, cfg: SplitConfig | None = None) -> pd.Series:
     """Return a Series (same index as ``df``) of "train"/"val"/"test": each row's from its unit and the seed alone."""
     cfg = cfg or SplitConfig()
     if len(df) == 0:
         return pd.Series([], index=df.index, dtype=object, name="split")
-    ids = df["id"].tolist()
-    groups = df["group"].tolist() if "group" in df.columns else [None] * len(df)
-    # "g:" / "i:" keep a group named like some row's id apart from that row.
-    units = [f"i:{i}" if _absent(g) else f"g:{g}" for g, i in zip(groups, ids, strict=True)]
-    codes, uniques = pd.factorize(pd.Series(units, dtype=object))
+    codes, uniques = pd.factorize(pd.Series(split_units(df), dtype=object))
     position = np.fromiter((unit_position(u, cfg.seed) for u in uniques), dtype=np.float64, count=len(uniques))
     per_unit = np.where(position < cfg.test_fraction, "test",
                         np.where(position < cfg.test_fraction + cfg.val_fraction, "val", "train")).astype(object)

@@ -126,6 +126,8 @@ def evaluate_all(train_dir, out_dir) -> dict:
                 heads[name][key] = meta[key]
         if is_ensemble:
             heads[name]["members"] = meta["history"][-1].get("members")
+            if "candidates" in meta["history"][-1]:  # within_se: each candidate's gap to the best and its SE
+                heads[name]["selection"] = meta["history"][-1]["candidates"]
         if "processes" in meta:  # the fine-tuned head: how many data-parallel processes trained it
             heads[name]["processes"] = meta["processes"]
         # Robustness: the same test rows with one modality removed (absent keys: not available for this head).

@@ -3,8 +3,8 @@
 Two uses, one module:
 - seed bagging (``train.seeds: K``): K copies of one head trained from K seeds, equal weights; it keeps the
   member's name (``init_args["seeds"] == K``) and is rebuilt by ``build_head(name, ..., seeds=K)``;
-- the ``ensemble`` head: greedy ensemble selection (``crossmodal.training.ensemble``) picks members among the
-  trained heads, with replacement, so ``weights`` are the members' shares of the picks.
+- the ``ensemble`` head: ``crossmodal.training.ensemble`` picks members among the trained heads; ``weights`` are
+  equal (the heads tied with the best) or their shares of greedy picks with replacement.
 
 ``forward`` returns ``log(sum_k w_k softmax(member_k))``, so ``softmax(forward(...))`` is the averaged
 probabilities, an argmax-preserving logit like every head's. Every member reads the same (image, text) features,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossmodal.data.split import SPLITS
+from crossmodal.data.split import SPLITS, split_units
 from crossmodal.data.validated import read_validated
 from crossmodal.errors import TrainError
 
@@ -29,6 +29,8 @@ class SplitFeatures:
     text: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     ids: dict[str, np.ndarray] = field(default_factory=dict)
+    # Each row's split unit (its group, else its id): rows of one unit are not independent evidence.
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
     # Standardize statistics of the train features per modality, computed once for every head trained on this
     # data (crossmodal.heads.registry.fit_standardizers); the arrays are not to be changed in place once wrapped here.
     statistics: dict = field(default_factory=dict, repr=False, compare=False)
@@ -37,14 +39,16 @@ class SplitFeatures:
     views: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_arrays(cls, image, text, y, split, ids=None) -> SplitFeatures:
-        """Cut row-aligned arrays by a split column ("train" / "val" / "test" per row)."""
+    def from_arrays(cls, image, text, y, split, ids=None, groups=None) -> SplitFeatures:
+        """Cut row-aligned arrays by a split column ("train" / "val" / "test" per row); ``groups`` defaults to
+        the ids (every row its own unit)."""
         image, text = np.asarray(image, dtype=np.float32), np.asarray(text, dtype=np.float32)
         y, split = np.asarray(y, dtype=np.int64), np.asarray(split).astype(str)
         ids = np.asarray([f"row-{i}" for i in range(len(y))] if ids is None else ids).astype(str)
+        groups = ids if groups is None else np.asarray(groups).astype(str)
         if image.ndim != 2 or text.ndim != 2:
             raise TrainError(f"features must be 2-D (rows, dims); got image {image.shape}, text {text.shape}")
-        if not len(image) == len(text) == len(y) == len(split) == len(ids):
+        if not len(image) == len(text) == len(y) == len(split) == len(ids) == len(groups):
             raise TrainError(
                 f"row counts differ: image {len(image)}, text {len(text)}, labels {len(y)}, splits {len(split)}"
             )
@@ -57,6 +61,7 @@ class SplitFeatures:
             text={s: text[m] for s, m in masks.items()},
             y={s: y[m] for s, m in masks.items()},
             ids={s: ids[m] for s, m in masks.items()},
+            groups={s: groups[m] for s, m in masks.items()},
         )
 
     @property
@@ -108,7 +113,7 @@ def load_split_features(validated_path, image_features_path, text_features_path,
         raise TrainError(f"{validated_path} has {len(labels)} label(s) {labels}; a classifier needs at least 2")
     y = labels_str.map({label: i for i, label in enumerate(labels)}).to_numpy(np.int64)
     split, ids = df["split"].astype(str).to_numpy(), df["id"].astype(str).to_numpy()
-    data = SplitFeatures.from_arrays(feats["image"], feats["text"], y, split, ids)
+    data = SplitFeatures.from_arrays(feats["image"], feats["text"], y, split, ids, split_units(df))
     if views:
         data.views = _load_views(views, data, validated_path)
     return data, labels

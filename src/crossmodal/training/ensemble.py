@@ -1,16 +1,22 @@
-"""The ``ensemble`` head: greedy ensemble selection with replacement (Caruana et al. 2004) over trained heads.
+"""The ``ensemble`` head: an average of trained heads, chosen on their validation probabilities.
 
-    from crossmodal.training.ensemble import select_members, train_ensemble
+    from crossmodal.training.ensemble import select_members, train_ensemble, within_se_members
+    counts, record = within_se_members({"concat": p1, "late": p2}, y_val, groups_val)       # {"concat": 1, "late": 1}
     counts = select_members({"concat": p1, "late": p2}, y_val, rounds=30, metric="log_loss")   # {"concat": 18, ...}
     head, history = train_ensemble("work/models", ["concat", "late", "linear_probe"], data, cfg.train)
 
-Selection starts from the single best head on validation and then, ``train.ensemble.rounds`` times, adds the head
-(any head again included: with replacement) whose addition gives the best validation score of the averaged
-probabilities; a head's weight is its share of the picks. Picking with replacement lets a strong head count more
-than once and keeps the weights on a coarse grid, which is what makes the method hold up on new rows where a
-free-form weight fit over-fits the validation split (Caruana et al., section 2.2). ``metric`` log_loss (the
-default) scores a pick by the mean negative log-likelihood, which moves with every row and is far less noisy on a
-few hundred validation rows than macro-F1, which only moves when an argmax flips.
+Two selections (``train.ensemble.selection``):
+
+- ``within_se`` (the default) keeps, with equal weights, every head whose validation log-loss (after the head's
+  own temperature) is within ``width`` standard errors of the best head's, the error being that of the paired
+  per-row gap with rows summed by split unit. Every head stopped early on these same rows, so their validation
+  scores carry selection noise of different sizes; weights fitted to those scores follow the noise, and equal
+  weights over the heads the rows cannot tell apart do not.
+- ``greedy`` is ensemble selection with replacement (Caruana et al. 2004): start from the single best head on
+  validation and then, ``rounds`` times, add the head (any head again included) whose addition gives the best
+  validation score of the averaged probabilities; a head's weight is its share of the picks. ``metric`` log_loss
+  moves with every row and is far less noisy on a few hundred validation rows than macro-F1, which only moves
+  when an argmax flips.
 
 Members are the run's heads on frozen features (``crossmodal.heads``): every one reads the same (image, text)
 features, so the ensemble is one :class:`~crossmodal.heads.averaged.AveragedHead`, saved, registered and served from
@@ -60,6 +66,38 @@ def select_members(val_proba: dict[str, np.ndarray], y: np.ndarray, rounds: int 
     return {n: int(c) for n, c in zip(names, counts, strict=True) if c > 0}
 
 
+def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray | None = None,
+                      width: float = 2.0) -> tuple[dict[str, int], dict[str, dict]]:
+    """The heads whose validation log-loss, each after its own temperature, is within ``width`` standard errors of
+    the best head's; each counts once. Returns the counts and, per head, what decided it.
+
+    The standard error is of the paired per-row difference to the best head, summed within each of ``groups``
+    (rows of one unit are not independent evidence: an icon at four sizes, a product's photos) before the
+    spread is taken. A temperature per head first, so that a head which ranks well but is under-confident is
+    not dropped for its calibration, which the ensemble's average does not inherit row for row."""
+    from crossmodal.evaluation.calibration import apply_temperature, fit_temperature
+
+    names = list(val_proba)
+    if not names:
+        raise TrainError("the ensemble has no heads to choose from; train at least one frozen-feature head")
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        raise TrainError("the ensemble is chosen on validation rows, and the val split has none")
+    codes = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    losses = {}
+    for n in names:
+        p = apply_temperature(val_proba[n], fit_temperature(y, val_proba[n])).astype(np.float64)
+        losses[n] = -np.log(np.clip(p[np.arange(len(y)), y], EPS, None))
+    best = min(names, key=lambda n: (losses[n].mean(), names.index(n)))
+    record = {}
+    for n in names:
+        d = losses[n] - losses[best]
+        gap = float(d.mean())
+        se = float(np.sqrt((np.bincount(codes, weights=d - gap) ** 2).sum()) / len(y))
+        record[n] = {"val_log_loss": float(losses[n].mean()), "gap": gap, "se": se, "kept": gap <= width * se}
+    return {n: 1 for n in names if record[n]["kept"]}, record
+
+
 def train_ensemble(models_dir, candidates: list[str], data, cfg):
     """Choose the ensemble on the val rows of ``data`` among the trained heads ``candidates`` under
     ``models_dir`` (their ``predictions.npz`` hold the val probabilities) and build it from their saved weights.
@@ -76,7 +114,10 @@ def train_ensemble(models_dir, candidates: list[str], data, cfg):
                 raise TrainError(f"{models_dir / name} was trained on other validation rows than this run's; "
                                  "run `crossmodal train` again")
             val_proba[name] = npz["val_proba"]
-    counts = select_members(val_proba, data.y["val"], cfg.ensemble.rounds, cfg.ensemble.metric)
+    if cfg.ensemble.selection == "within_se":
+        counts, record = within_se_members(val_proba, data.y["val"], data.groups.get("val"), cfg.ensemble.width)
+    else:
+        counts, record = select_members(val_proba, data.y["val"], cfg.ensemble.rounds, cfg.ensemble.metric), None
     heads = {name: load_head(models_dir / name) for name in counts}
     first = next(iter(heads.values())).init_args
     head = build_head("ensemble", first["image_dim"], first["text_dim"], first["num_classes"],
@@ -88,4 +129,6 @@ def train_ensemble(models_dir, candidates: list[str], data, cfg):
     nll, f1 = _score(mix, data.y["val"], "log_loss")[0], -_score(mix, data.y["val"], "macro_f1")[0]
     history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None,
                 "members": {n: c / sum(counts.values()) for n, c in counts.items()}}]
+    if record is not None:
+        history[0]["candidates"] = record
     return head.eval(), history
