@@ -50,7 +50,8 @@ class SplitFeatures:
             raise TrainError(f"features must be 2-D (rows, dims); got image {image.shape}, text {text.shape}")
         if not len(image) == len(text) == len(y) == len(split) == len(ids) == len(groups):
             raise TrainError(
-                f"row counts differ: image {len(image)}, text {len(text)}, labels {len(y)}, splits {len(split)}"
+                f"row counts differ: image {len(image)}, text {len(text)}, labels {len(y)}, splits {len(split)}, "
+                f"ids {len(ids)}, groups {len(groups)}"
             )
         unknown = sorted(set(split) - set(SPLITS))
         if unknown:

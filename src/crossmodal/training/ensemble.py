@@ -44,17 +44,22 @@ def _score(proba: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]
     return -float(f1_score(y, proba.argmax(1), average="macro", zero_division=0)), nll
 
 
+def _candidates(val_proba: dict[str, np.ndarray], y: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The heads' names and the labels as int64, or the TrainError that says why there is nothing to choose on."""
+    if not val_proba:
+        raise TrainError("the ensemble has no heads to choose from; train at least one frozen-feature head")
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) == 0:
+        raise TrainError("the ensemble is chosen on validation rows, and the val split has none")
+    return list(val_proba), y
+
+
 def select_members(val_proba: dict[str, np.ndarray], y: np.ndarray, rounds: int = 30,
                    metric: str = "log_loss") -> dict[str, int]:
     """How many times greedy selection with replacement picks each head (heads never picked are left out).
 
     Ties go to the head named first in ``val_proba``, so the result depends only on the inputs."""
-    names = list(val_proba)
-    if not names:
-        raise TrainError("the ensemble has no heads to choose from; train at least one frozen-feature head")
-    y = np.asarray(y, dtype=np.int64)
-    if len(y) == 0:
-        raise TrainError("the ensemble is chosen on validation rows, and the val split has none")
+    names, y = _candidates(val_proba, y)
     probas = [np.asarray(val_proba[n], dtype=np.float64) for n in names]
     counts = np.zeros(len(names), dtype=np.int64)
     total = np.zeros_like(probas[0])
@@ -77,12 +82,7 @@ def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: n
     not dropped for its calibration, which the ensemble's average does not inherit row for row."""
     from crossmodal.evaluation.calibration import apply_temperature, fit_temperature
 
-    names = list(val_proba)
-    if not names:
-        raise TrainError("the ensemble has no heads to choose from; train at least one frozen-feature head")
-    y = np.asarray(y, dtype=np.int64)
-    if len(y) == 0:
-        raise TrainError("the ensemble is chosen on validation rows, and the val split has none")
+    names, y = _candidates(val_proba, y)
     codes = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
     losses = {}
     for n in names:
