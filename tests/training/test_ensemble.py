@@ -18,6 +18,7 @@ from crossmodal.training.linear_probe import train_linear_probe
 from crossmodal.training.train import train_all
 
 FAST = dict(hidden_dim=32, max_epochs=15, patience=5, batch_size=32)
+GREEDY_REASON = "its members were chosen on these validation rows: a temperature fitted on them is fitted in-sample"
 
 
 def _linear_task(n=400, classes=3, seed=0, scale=1.0) -> SplitFeatures:
@@ -166,3 +167,15 @@ def test_the_ensemble_needs_heads_on_frozen_features(tmp_path, write_inputs):
     (validated, image, text), _ = write_inputs(tmp_path)
     with pytest.raises(TrainError, match="no head on frozen features"):
         train_all(validated, image, text, TrainConfig(heads=["ensemble", "traditional_text"]), tmp_path / "m")
+
+
+def test_only_greedy_weights_keep_the_ensemble_at_t_1(ensemble_run, tmp_path, write_inputs):
+    # within_se (the default run above) fits no weights: the split-half guard judges its temperature like any head's.
+    _, _, metrics = ensemble_run
+    assert metrics["heads"]["ensemble"]["calibration"]["reason"] != GREEDY_REASON
+    (validated, image, text), _ = write_inputs(tmp_path / "in")
+    cfg = TrainConfig(heads=["text_only", "concat", "ensemble"], ensemble={"selection": "greedy"}, **FAST)
+    train_all(validated, image, text, cfg, tmp_path / "models")
+    greedy = evaluate_all(tmp_path / "models", tmp_path / "reports")["heads"]["ensemble"]
+    assert greedy["calibration"]["reason"] == GREEDY_REASON and greedy["temperature"] == 1.0
+    assert "selection" not in greedy and sum(greedy["members"].values()) == pytest.approx(1)

@@ -111,8 +111,12 @@ def evaluate_all(train_dir, out_dir) -> dict:
         plot_confusion(y_test, p_test, labels, f"{name}: test confusion matrix", plots / f"{name}_confusion.png")
         plot_roc(y_test, p_test, labels, f"{name}: test ROC", plots / f"{name}_roc.png")
         is_ensemble = meta.get("family") == "ensemble"
+        # Greedy weights were fitted to these validation rows, so a T fitted on them is in-sample; within_se
+        # fits no weights (its members count once each), and the split-half guard judges its T like any head's.
+        # An ensemble saved before the selection was recorded is a greedy one.
+        weights_fitted = is_ensemble and meta["history"][-1].get("selection", "greedy") == "greedy"
         guard = guarded_temperature(pred["val_y"], check_proba(pred["val_y"], pred["val_proba"], labels)[1],
-                                    in_sample=is_ensemble)
+                                    in_sample=weights_fitted)
         temperature = guard["temperature"]
         test_cal = compute_metrics(y_test, apply_temperature(p_test, temperature), labels)
         plot_reliability(y_test, p_test, apply_temperature(p_test, temperature), temperature,

@@ -128,7 +128,8 @@ def train_ensemble(models_dir, candidates: list[str], data, cfg):
     mix = sum(c * np.asarray(val_proba[n], dtype=np.float64) for n, c in counts.items()) / sum(counts.values())
     nll, f1 = _score(mix, data.y["val"], "log_loss")[0], -_score(mix, data.y["val"], "macro_f1")[0]
     history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None,
-                "members": {n: c / sum(counts.values()) for n, c in counts.items()}}]
+                "members": {n: c / sum(counts.values()) for n, c in counts.items()},
+                "selection": cfg.ensemble.selection}]
     if record is not None:
         history[0]["candidates"] = record
     return head.eval(), history
