@@ -15,6 +15,7 @@ Paths are relative to the stage's output folder: the ``--out`` folder of a CLI s
 | ``LABELS_FILE`` | ``labels.json`` | sorted label strings; class index = position | training |
 | ``HEAD_FILE`` | ``<head>/head.json`` | name, modality, family, init_args, history, best_epoch, val metrics | training |
 | ``WEIGHTS_FILE`` | ``<head>/weights.safetensors`` | the head's state dict (never pickle) | training |
+| ``MEMBERS_DIR`` | ``ensemble/members/<head>/`` | an ensemble with members on other inputs than the frozen features (``cnn_rnn``, ``finetune_xattn``): each member's head folder, less its predictions; the weights are ``init_args["members"]`` | training |
 | ``PREDICTIONS_FILE`` | ``<head>/predictions.npz`` | ``val_/test_`` ``proba`` (N, C) float32, ``y`` int64, ``ids`` str; ``test_proba_missing_text``, ``test_proba_missing_image``, ``test_gate`` | training |
 | ``METRICS_FILE`` | ``metrics.json`` | per head: val, test, calibrated test, robustness, attribution; winners | evaluation |
 | ``ROBUSTNESS_FILE`` | ``robustness.md`` | test macro-F1 with a modality removed, per head | evaluation |
@@ -49,6 +50,7 @@ LABELS_FILE = "labels.json"
 HEAD_FILE = "head.json"
 TASK_PARTS_DIR = ".parts"  # under the models folder while training: stacking's folds and base heads, then removed
 WEIGHTS_FILE = "weights.safetensors"
+MEMBERS_DIR = "members"
 PREDICTIONS_FILE = "predictions.npz"
 
 METRICS_FILE = "metrics.json"

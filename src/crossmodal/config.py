@@ -210,6 +210,9 @@ class EnsembleConfig(_Section):
     width: float = Field(2.0, gt=0, le=10)  # within_se: standard errors of the paired, grouped difference
     rounds: int = Field(30, ge=1, le=1000)  # greedy: members picked (with replacement); a head's weight = its share
     metric: Literal["log_loss", "macro_f1"] = "log_loss"  # greedy: what each pick improves on validation
+    # all: the frozen-feature heads and the run's cnn_rnn and finetune_xattn (served beside them; the fine-tuned
+    # head brings its own encoders); frozen: the frozen-feature heads only, served on one pair of encoders
+    pool: Literal["all", "frozen"] = "all"
 
 
 class CnnRnnConfig(_Section):

@@ -15,6 +15,7 @@ from crossmodal.heads.inference import predict_proba
 from crossmodal.training.dataset import SplitFeatures
 from crossmodal.training.ensemble import select_members, within_se_members
 from crossmodal.training.linear_probe import train_linear_probe
+from crossmodal.training.tasks import plan_training
 from crossmodal.training.train import train_all
 
 FAST = dict(hidden_dim=32, max_epochs=15, patience=5, batch_size=32)
@@ -179,3 +180,14 @@ def test_only_greedy_weights_keep_the_ensemble_at_t_1(ensemble_run, tmp_path, wr
     greedy = evaluate_all(tmp_path / "models", tmp_path / "reports")["heads"]["ensemble"]
     assert greedy["calibration"]["reason"] == GREEDY_REASON and greedy["temperature"] == 1.0
     assert "selection" not in greedy and sum(greedy["members"].values()) == pytest.approx(1)
+
+
+@pytest.mark.parametrize("pool", ["all", "frozen"])
+def test_the_pool_decides_which_heads_the_ensemble_chooses_from(pool, write_inputs, tmp_path):
+    (validated, image, text), _ = write_inputs(tmp_path)
+    cfg = TrainConfig(heads=["concat", "cnn_rnn", "finetune_xattn", "ensemble"], ensemble={"pool": pool})
+    _, tasks = plan_training(validated, image, text, cfg, tmp_path / "models")
+    ensemble = next(t for t in tasks if t["kind"] == "ensemble")
+    expected = ["concat", "cnn_rnn", "finetune_xattn"] if pool == "all" else ["concat"]
+    assert ensemble["members"] == expected
+    assert ensemble["after"] == [f"train-{h}" for h in expected]

@@ -95,6 +95,17 @@ def build_head(
     return HEADS[name](image_dim, text_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout, **extra)
 
 
+def ensemble_of(heads: list[nn.Module], weights: list[float]) -> nn.Module:
+    """The ``ensemble`` head averaging trained heads on the frozen features with ``weights``, their trained state
+    copied in (what :func:`build_head` rebuilds from the saved init_args); in eval mode."""
+    first = heads[0].init_args
+    head = build_head("ensemble", first["image_dim"], first["text_dim"], first["num_classes"], hidden_dim=0,
+                      dropout=0.0, members=[h.init_args for h in heads], weights=list(weights))
+    head.load_state_dict({f"members.{i}.{k}": v for i, h in enumerate(heads) for k, v in h.state_dict().items()}
+                         | {"log_weights": head.log_weights}, strict=True)
+    return head.eval()
+
+
 def fit_standardizers(head: nn.Module, image_train: np.ndarray, text_train: np.ndarray,
                       statistics: dict | None = None) -> nn.Module:
     """Fit the head's per-modality :class:`Standardize` buffers on the training features (all-NaN rows, i.e.

@@ -21,7 +21,8 @@ Chunk by chunk (``chunk_rows``; memory stays flat whatever the manifest's size):
    probabilities (``proba_from_features``) and feed the drift sample (a seeded reservoir of ``drift.max_rows``
    rows per modality). A fine-tuned model reads the raw inputs itself; its drift embeddings come from the frozen
    encoders named in its ``model.json``, the space its drift reference was sampled in. A ``cnn_rnn`` model reads
-   the image features and the texts' word pieces (``CnnRnnFusedModel.score``), embedding texts only for drift.
+   the image features and the texts' word pieces (``CnnRnnFusedModel.score``), embedding texts only for drift; an
+   ensemble with such members (``EnsembleFusedModel.score``) embeds both once and feeds each member its inputs.
 3. Predictions are appended to the output parquet (``id, label, prob_<class>``[, ``attr_*``, ``gate_*``]), written
    to a temporary file and renamed onto the output at the end.
 
@@ -165,10 +166,11 @@ Scored = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None, np.ndarray 
 def scorer(registered: RegisteredModel, attribution: bool, drift: bool) -> Callable[[list, list], Scored]:
     """``score(images, texts) -> (proba, attribution columns, image embeddings, text embeddings)``; the embeddings
     are None when ``drift`` is off. Images are bytes (or None), texts cleaned strings (or None)."""
-    from crossmodal.serving.fused_model import CnnRnnFusedModel, FinetunedFusedModel
+    from crossmodal.serving.fused_model import CnnRnnFusedModel, EnsembleFusedModel, FinetunedFusedModel
 
     model = registered.model
-    if isinstance(model, CnnRnnFusedModel):  # word pieces in, not text embeddings: it embeds only for drift
+    # Word pieces (and pixels) in, not only text embeddings: they embed for drift besides
+    if isinstance(model, (CnnRnnFusedModel, EnsembleFusedModel)):
         return lambda images, texts: model.score(images, texts, attribution, embeddings=drift)
     if not isinstance(model, FinetunedFusedModel):
         def score(images: list, texts: list) -> Scored:

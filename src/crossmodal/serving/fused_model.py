@@ -19,7 +19,8 @@ refused unless the model was logged with ``serving.allowed_image_root``, and the
 served).
 
 :meth:`FusedModel.load` returns the variant a head needs: :class:`FinetunedFusedModel` for the fine-tuned head,
-:class:`CnnRnnFusedModel` for ``cnn_rnn`` (image features and the texts' word pieces), same interface.
+:class:`CnnRnnFusedModel` for ``cnn_rnn`` (image features and the texts' word pieces), :class:`EnsembleFusedModel` for
+an ensemble with such members, same interface.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ try:  # the pyfunc wrapper needs MLflow; FusedModel itself does not
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[misc,assignment]
 
-from crossmodal.artifacts import MODEL_FILE
+from crossmodal.artifacts import HEAD_FILE, MEMBERS_DIR, MODEL_FILE
 from crossmodal.config import FINETUNED_HEADS, RNN_HEADS, EncodersConfig
 from crossmodal.data.manifest import is_absent
 from crossmodal.errors import PredictionInputError
@@ -52,14 +53,16 @@ class FusedModel:
     """Frozen-feature encoders plus a trained head; :meth:`load` reads a saved folder (a fine-tuned head's too)."""
 
     def __init__(self, head, labels: list[str], encoders: EncodersConfig, head_name: str = "",
-                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None):
+                 max_pixels: int | None = None, temperature: float = 1.0, allowed_image_root: str | None = None,
+                 extractor=None):
         from crossmodal.features.extractor import FeatureExtractor
 
         self._serving_options(temperature, allowed_image_root)
         self.head = head.eval()
         self.labels = list(labels)
         self.head_name = head_name
-        self.extractor = FeatureExtractor(encoders, max_pixels=max_pixels)
+        # ``extractor``: one already built for these encoders (an ensemble's members share theirs)
+        self.extractor = extractor or FeatureExtractor(encoders, max_pixels=max_pixels)
 
     def _serving_options(self, temperature: float, allowed_image_root: str | None) -> None:
         if not temperature > 0:
@@ -86,6 +89,8 @@ class FusedModel:
             return FinetunedFusedModel.load(directory, allowed_image_root)
         if spec.get("head") in RNN_HEADS:
             return CnnRnnFusedModel.load(directory, allowed_image_root)
+        if (directory / HEAD_DIR / MEMBERS_DIR).is_dir():
+            return EnsembleFusedModel.load(directory, allowed_image_root)
         head = load_head(directory / HEAD_DIR)
         return cls(head, spec["labels"], EncodersConfig.model_validate(spec["encoders"]), spec.get("head", ""),
                    spec.get("max_image_pixels"), spec.get("temperature", 1.0),
@@ -142,8 +147,9 @@ class FusedModel:
             raise PredictionInputError(f"{len(images)} images but {len(texts)} texts: give one of each per row")
         images = [None] * n if images is None else list(images)
         texts = [None] * n if texts is None else [None if t is None or not clean_text(t) else t for t in texts]
-        img = np.full((n, self.head.init_args["image_dim"]), np.nan, dtype=np.float32)
-        txt = np.full((n, self.head.init_args["text_dim"]), np.nan, dtype=np.float32)
+        image_dim, text_dim = self._feature_dims()
+        img = np.full((n, image_dim), np.nan, dtype=np.float32)
+        txt = np.full((n, text_dim), np.nan, dtype=np.float32)
         has_image = [k for k in range(n) if images[k] is not None]
         has_text = [k for k in range(n) if texts[k] is not None]
         if has_image:
@@ -154,6 +160,9 @@ class FusedModel:
         if has_text:
             txt[has_text] = self.extractor.embed_texts([texts[k] for k in has_text])
         return img, txt
+
+    def _feature_dims(self) -> tuple[int, int]:
+        return self.head.init_args["image_dim"], self.head.init_args["text_dim"]
 
     def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) of embedded rows: the one place features become probabilities, so
@@ -418,6 +427,129 @@ class CnnRnnFusedModel(FusedModel):
 
     def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
         """Probabilities plus leave-one-modality-out attribution: the head without that branch."""
+        proba, extra, _, _ = self.score(images, texts, attribution=True)
+        return {"proba": proba, **extra}
+
+
+class EnsembleFusedModel(FusedModel):
+    """The ``ensemble`` with members on other inputs than the frozen features (``train.ensemble.pool: all``).
+
+    The frozen-feature members are one averaged head on the shared encoders; ``cnn_rnn`` reads the same image
+    features and the text encoder's word pieces (each image encoded once for both); ``finetune_xattn`` runs its own
+    tuned encoders. Each member predicts uncalibrated, as in training's predictions, and the weighted average then
+    takes the ensemble's temperature. :meth:`features` gives the frozen embeddings (``crossmodal predict``'s drift
+    space); :meth:`score` returns them with the probabilities.
+    """
+
+    def __init__(self, parts: dict[str, tuple[FusedModel, float]], extractor, labels: list[str],
+                 head_name: str = "", temperature: float = 1.0, allowed_image_root: str | None = None):
+        self._serving_options(temperature, allowed_image_root)
+        self.parts = parts  # {"frozen" | "cnn_rnn" | "finetuned": (model, weight)}, weights summing to 1
+        self.labels, self.head_name = list(labels), head_name
+        self.extractor = extractor
+        frozen = parts.get("frozen")
+        self.head = frozen[0].head if frozen else None
+
+    @classmethod
+    def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> EnsembleFusedModel:
+        from crossmodal.features.extractor import FeatureExtractor
+        from crossmodal.hardware import resolve_device
+        from crossmodal.heads.cnn_rnn import load_cnn_rnn
+        from crossmodal.heads.files import load_head
+        from crossmodal.heads.registry import ensemble_of
+        from crossmodal.heads.xattn import load_finetuned
+
+        directory = Path(directory)
+        spec = json.loads((directory / MODEL_FILE).read_text())
+        encoders = EncodersConfig.model_validate(spec["encoders"])
+        members_dir = directory / HEAD_DIR / MEMBERS_DIR
+        weights = json.loads((directory / HEAD_DIR / HEAD_FILE).read_text())["init_args"]["members"]
+        extractor = FeatureExtractor(encoders, max_pixels=spec.get("max_image_pixels"))
+        labels, pixels = spec["labels"], spec.get("max_image_pixels")
+        parts: dict[str, tuple[FusedModel, float]] = {}
+        frozen = {n: w for n, w in weights.items() if n not in RNN_HEADS and n not in FINETUNED_HEADS}
+        if frozen:
+            head = ensemble_of([load_head(members_dir / n) for n in frozen], list(frozen.values()))
+            parts["frozen"] = (FusedModel(head, labels, encoders, "ensemble", pixels, extractor=extractor),
+                               sum(frozen.values()))
+        for name, weight in weights.items():
+            if name in RNN_HEADS:
+                parts["cnn_rnn"] = (CnnRnnFusedModel(load_cnn_rnn(members_dir / name, extractor.text_encoder),
+                                                     extractor, labels, name), weight)
+            elif name in FINETUNED_HEADS:
+                network, _ = load_finetuned(members_dir / name, resolve_device(encoders.device))
+                parts["finetuned"] = (FinetunedFusedModel(network, labels, encoders, name, pixels), weight)
+        return cls(parts, extractor, labels, spec.get("head", ""), spec.get("temperature", 1.0),
+                   allowed_image_root or spec.get("allowed_image_root"))
+
+    @property
+    def has_gates(self) -> bool:
+        return False
+
+    def _feature_dims(self) -> tuple[int, int]:
+        return self.extractor.image_dim, self.extractor.text_dim
+
+    def proba_from_features(self, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        raise TypeError("this ensemble has members that read word pieces or pixels, not embeddings: use "
+                        "predict_proba(images, texts) or score(images, texts)")
+
+    def _mix(self, images: list, texts: list, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        """The members' weighted average (uncalibrated) of rows whose frozen embeddings are ``img`` / ``txt``."""
+        from crossmodal.heads.cnn_rnn import tokenize
+        from crossmodal.heads.inference import predict_proba
+
+        total = np.zeros((len(images), len(self.labels)), dtype=np.float64)
+        for kind, (model, weight) in self.parts.items():
+            if kind == "frozen":
+                proba = predict_proba(model.head, img, txt)
+            elif kind == "cnn_rnn":
+                ids, mask = tokenize(model.tokenizer, texts, model.head.init_args["max_length"])
+                proba = model.proba_from_inputs(img, ids, mask)
+            else:
+                proba = model.predict_proba(images, texts)
+            total += weight * proba
+        return total.astype(np.float32)
+
+    def score(self, images: list | None, texts: list | None, attribution: bool = False,
+              embeddings: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None,
+                                                  np.ndarray | None]:
+        """(probabilities, attribution columns (empty unless ``attribution``), image and text embeddings (None
+        unless ``embeddings``)); every image through the frozen encoder once for all of it."""
+        from crossmodal.data.text import clean_text
+        from crossmodal.heads.inference import without
+
+        img, txt = self.features(images, texts)
+        n = len(img)
+        images = [None] * n if images is None else [None if is_absent(x) else x for x in images]
+        texts = [None] * n if texts is None else [None if is_absent(t) or not clean_text(t) else t for t in texts]
+        for i in range(n):
+            if images[i] is None and texts[i] is None:
+                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
+        proba = self._calibrated(self._mix(images, texts, img, txt))
+        extra: dict[str, np.ndarray] = {}
+        if attribution:
+            rows, pred = np.arange(n), proba.argmax(axis=1)
+            # Removing the only modality a row has leaves nothing: its attribution is the whole prediction.
+            for key, keep in (("attr_image", [k for k in range(n) if texts[k] is not None]),
+                              ("attr_text", [k for k in range(n) if images[k] is not None])):
+                extra[key] = proba[rows, pred].astype(np.float64)
+                if not keep:
+                    continue
+                sub_images, sub_img = [images[k] for k in keep], img[keep]
+                sub_texts, sub_txt = [texts[k] for k in keep], txt[keep]
+                if key == "attr_image":
+                    sub_images, sub_img = [None] * len(keep), without(sub_img)
+                else:
+                    sub_texts, sub_txt = [None] * len(keep), without(sub_txt)
+                reduced = self._calibrated(self._mix(sub_images, sub_texts, sub_img, sub_txt))
+                extra[key][keep] -= reduced[np.arange(len(keep)), pred[keep]]
+        return proba, extra, (img if embeddings else None), (txt if embeddings else None)
+
+    def predict_proba(self, images: list[Any] | None, texts: list[str | None] | None) -> np.ndarray:
+        return self.score(images, texts)[0]
+
+    def explain(self, images: list[Any] | None, texts: list[str | None] | None) -> dict[str, np.ndarray]:
+        """Probabilities plus leave-one-modality-out attribution: every member without that modality."""
         proba, extra, _, _ = self.score(images, texts, attribution=True)
         return {"proba": proba, **extra}
 

@@ -1,9 +1,9 @@
 """The ``ensemble`` head: an average of trained heads, chosen on their validation probabilities.
 
-    from crossmodal.training.ensemble import select_members, train_ensemble, within_se_members
+    from crossmodal.training.ensemble import choose_ensemble, select_members, within_se_members
     counts, record = within_se_members({"concat": p1, "late": p2}, y_val, groups_val)       # {"concat": 1, "late": 1}
     counts = select_members({"concat": p1, "late": p2}, y_val, rounds=30, metric="log_loss")   # {"concat": 18, ...}
-    head, history = train_ensemble("work/models", ["concat", "late", "linear_probe"], data, cfg.train)
+    weights, history = choose_ensemble("work/models", ["concat", "late", "cnn_rnn"], data, cfg.train)
 
 Two selections (``train.ensemble.selection``):
 
@@ -18,9 +18,12 @@ Two selections (``train.ensemble.selection``):
   moves with every row and is far less noisy on a few hundred validation rows than macro-F1, which only moves
   when an argmax flips.
 
-Members are the run's heads on frozen features (``crossmodal.heads``): every one reads the same (image, text)
-features, so the ensemble is one :class:`~crossmodal.heads.averaged.AveragedHead`, saved, registered and served from
-raw inputs like any head with one pair of encoders.
+Candidates are the run's heads on frozen features (``crossmodal.heads``) and, with ``train.ensemble.pool: all``
+(the default), its ``cnn_rnn`` and ``finetune_xattn``: heads that see the rows through other inputs (word pieces,
+tuned encoders) err on other rows, which is what an average gains from. When every member reads the frozen
+features the ensemble is one :class:`~crossmodal.heads.averaged.AveragedHead` (:func:`averaged_ensemble`), saved and
+served like any head on one pair of encoders; otherwise :func:`save_model_ensemble` keeps the members' folders and
+the served model runs each on its own inputs (``crossmodal.serving.fused_model.EnsembleFusedModel``).
 """
 
 from __future__ import annotations
@@ -98,13 +101,12 @@ def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: n
     return {n: 1 for n in names if record[n]["kept"]}, record
 
 
-def train_ensemble(models_dir, candidates: list[str], data, cfg):
-    """Choose the ensemble on the val rows of ``data`` among the trained heads ``candidates`` under
-    ``models_dir`` (their ``predictions.npz`` hold the val probabilities) and build it from their saved weights.
-    Returns the head (eval mode) and a one-record history (the validation score of the chosen mix)."""
+def choose_ensemble(models_dir, candidates: list[str], data, cfg) -> tuple[dict[str, float], list[dict]]:
+    """Choose the ensemble on the val rows of ``data`` among the trained heads ``candidates`` under ``models_dir``
+    (their ``predictions.npz`` hold the val probabilities). Returns each member's weight (summing to 1) and a
+    one-record history (the validation score of the chosen mix, the members, and for within_se each candidate's
+    evidence)."""
     from crossmodal.artifacts import PREDICTIONS_FILE
-    from crossmodal.heads.files import load_head
-    from crossmodal.heads.registry import build_head
 
     models_dir = Path(models_dir)
     val_proba = {}
@@ -118,18 +120,63 @@ def train_ensemble(models_dir, candidates: list[str], data, cfg):
         counts, record = within_se_members(val_proba, data.y["val"], data.groups.get("val"), cfg.ensemble.width)
     else:
         counts, record = select_members(val_proba, data.y["val"], cfg.ensemble.rounds, cfg.ensemble.metric), None
-    heads = {name: load_head(models_dir / name) for name in counts}
-    first = next(iter(heads.values())).init_args
-    head = build_head("ensemble", first["image_dim"], first["text_dim"], first["num_classes"],
-                      hidden_dim=0, dropout=0.0, members=[heads[n].init_args for n in counts],
-                      weights=[float(c) for c in counts.values()])
-    head.load_state_dict({f"members.{i}.{k}": v for i, n in enumerate(counts) for k, v in heads[n].state_dict().items()}
-                         | {"log_weights": head.log_weights}, strict=True)
-    mix = sum(c * np.asarray(val_proba[n], dtype=np.float64) for n, c in counts.items()) / sum(counts.values())
+    weights = {n: c / sum(counts.values()) for n, c in counts.items()}
+    mix = sum(w * np.asarray(val_proba[n], dtype=np.float64) for n, w in weights.items())
     nll, f1 = _score(mix, data.y["val"], "log_loss")[0], -_score(mix, data.y["val"], "macro_f1")[0]
-    history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None,
-                "members": {n: c / sum(counts.values()) for n, c in counts.items()},
+    history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None, "members": weights,
                 "selection": cfg.ensemble.selection}]
     if record is not None:
         history[0]["candidates"] = record
-    return head.eval(), history
+    return weights, history
+
+
+def averaged_ensemble(models_dir, weights: dict[str, float]):
+    """The ensemble of heads on the frozen features (each ``models_dir/<name>``) as one head, in eval mode: saved,
+    registered and served like any head, on one pair of encoders."""
+    from crossmodal.heads.files import load_head
+    from crossmodal.heads.registry import ensemble_of
+
+    return ensemble_of([load_head(Path(models_dir) / n) for n in weights], list(weights.values()))
+
+
+PROBA_KEYS = ("val_proba", "test_proba", "test_proba_missing_text", "test_proba_missing_image")
+
+
+def save_model_ensemble(models_dir, weights: dict[str, float], history: list[dict], labels: list[str], cfg,
+                        seconds: float) -> dict:
+    """Write ``models_dir/ensemble/`` for members on other inputs than the frozen features (``cnn_rnn``,
+    ``finetune_xattn``; ``train.ensemble.pool: all``): each member's folder under ``members/`` (less its
+    predictions), the weights in ``init_args["members"]``, and ``predictions.npz`` the weighted average of the
+    members' (the served model, ``crossmodal.serving.fused_model.EnsembleFusedModel``, averages the same way).
+    Returns the head's summary."""
+    import json
+    import shutil
+
+    from crossmodal.artifacts import HEAD_FILE, MEMBERS_DIR, PREDICTIONS_FILE
+    from crossmodal.evaluation.metrics import compute_metrics
+    from crossmodal.files import atomic_dir
+
+    models_dir = Path(models_dir)
+    saved = {}
+    for name in weights:
+        with np.load(models_dir / name / PREDICTIONS_FILE, allow_pickle=False) as npz:
+            saved[name] = {k: npz[k] for k in npz.files}
+    first = next(iter(saved.values()))
+    for name, pred in saved.items():
+        if not all(np.array_equal(pred[k], first[k]) for k in ("val_ids", "test_ids")):
+            raise TrainError(f"{models_dir / name} predicted other rows than {next(iter(saved))}; "
+                             "run `crossmodal train` again")
+    mix = {k: sum(w * saved[n][k].astype(np.float64) for n, w in weights.items()).astype(np.float32)
+           for k in PROBA_KEYS if all(k in pred for pred in saved.values())}
+    val_metrics = compute_metrics(first["val_y"], mix["val_proba"], labels)
+    meta = {"name": "ensemble", "modality": "fusion", "init_args": {"name": "ensemble", "members": weights},
+            "best_epoch": 1, "epochs_run": 1, "train_seconds": round(seconds, 3), "val_metrics": val_metrics,
+            "history": history, "labels": labels, "config": cfg.model_dump(), "family": "ensemble"}
+    with atomic_dir(models_dir / "ensemble") as tmp:
+        for name in weights:
+            shutil.copytree(models_dir / name, tmp / MEMBERS_DIR / name,
+                            ignore=shutil.ignore_patterns(PREDICTIONS_FILE))
+        (tmp / HEAD_FILE).write_text(json.dumps(meta, indent=2))
+        np.savez(tmp / PREDICTIONS_FILE, **mix, **{k: first[k] for k in ("val_y", "test_y", "val_ids", "test_ids")})
+    return {"head": "ensemble", "dir": str(models_dir / "ensemble"), "val_macro_f1": val_metrics["macro_f1"],
+            "best_epoch": 1, "epochs_run": 1, "seconds": round(seconds, 3)}

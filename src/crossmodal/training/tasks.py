@@ -116,11 +116,14 @@ def plan_training(validated_path, image_path, text_path, cfg: TrainConfig, out_d
     if "ensemble" in heads:
         from crossmodal.heads.registry import HEADS
 
-        # Members read the run's frozen features (heads.registry.HEADS), so the ensemble is served on one pair
-        # of encoders; heads on other inputs (fine-tuned, token-level, traditional) are compared, not mixed.
+        # Heads on the frozen features (heads.registry.HEADS) share one pair of encoders at serving; with
+        # ensemble.pool "all" the token-level and fine-tuned heads may join them (served beside them,
+        # crossmodal.serving.fused_model.EnsembleFusedModel). Traditional baselines are compared, never mixed.
         members = [h for h in frozen if h in HEADS]
         if not members:
             raise TrainError("train.heads names the ensemble but no head on frozen features for it to choose from")
+        if tcfg.ensemble.pool == "all":
+            members += [h for h in heads if h in RNN_HEADS or h in FINETUNED_HEADS]
         tasks.append({"name": "train-ensemble", "kind": "ensemble", "head": "ensemble", "members": members,
                       "after": [f"train-{h}" for h in members]})
     tasks += [{"name": f"train-{h}", "kind": "traditional", "head": h} for h in heads if h in TRADITIONAL_HEADS]
@@ -226,11 +229,16 @@ def run_training_task(task: dict, job: dict) -> dict:
             return {"name": task["name"], **save_trained_head(head, history, time.perf_counter() - start, data, labels,
                                                               cfg, out_dir, family="baseline")}
         if kind == "ensemble":
-            from crossmodal.training.ensemble import train_ensemble
+            from crossmodal.heads.registry import HEADS
+            from crossmodal.training.ensemble import averaged_ensemble, choose_ensemble, save_model_ensemble
 
-            head, history = train_ensemble(out_dir, task["members"], data, cfg)
-            return {"name": task["name"], **save_trained_head(head, history, time.perf_counter() - start, data, labels,
-                                                              cfg, out_dir, family="ensemble")}
+            weights, history = choose_ensemble(out_dir, task["members"], data, cfg)
+            if not all(n in HEADS for n in weights):  # a member on other inputs: kept beside, not merged
+                return {"name": task["name"], **save_model_ensemble(out_dir, weights, history, labels, cfg,
+                                                                    time.perf_counter() - start)}
+            return {"name": task["name"], **save_trained_head(averaged_ensemble(out_dir, weights), history,
+                                                              time.perf_counter() - start, data, labels, cfg,
+                                                              out_dir, family="ensemble")}
         # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
         on_epoch = epoch_writer(job["progress_dir"], name) if kind == "head" else None
         if kind == "head" and cfg.seeds > 1:

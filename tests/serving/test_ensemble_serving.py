@@ -1,0 +1,111 @@
+"""An ensemble whose members read other inputs than the frozen features (``train.ensemble.pool: all``): saved with
+its members' folders, its predictions the weighted average of theirs; served from raw rows
+(crossmodal.serving.fused_model.EnsembleFusedModel) as training predicted them, as the registered pyfunc, and by
+``crossmodal predict`` with drift in the frozen encoders' space."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlflow
+from crossmodal.errors import PredictionInputError
+from crossmodal.serving.fused_model import EnsembleFusedModel, FusedModel
+from crossmodal.serving.package import log_model, save_model_dir
+from crossmodal.training.ensemble import save_model_ensemble
+
+WEIGHTS = {"gated": 0.5, "cnn_rnn": 0.25, "finetune_xattn": 0.25}
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_run, tmp_path_factory):
+    """The tiny run's gated, cnn_rnn and finetune_xattn heads saved as one ensemble, in a models folder of its own."""
+    models = tmp_path_factory.mktemp("mixed") / "models"
+    models.mkdir()
+    for name in WEIGHTS:
+        shutil.copytree(tiny_run["models"] / name, models / name)
+    shutil.copy(tiny_run["models"] / "labels.json", models / "labels.json")
+    labels = json.loads((models / "labels.json").read_text())
+    summary = save_model_ensemble(models, WEIGHTS, [{"epoch": 1, "members": WEIGHTS}], labels, tiny_run["cfg"].train,
+                                  0.5)
+    return models, summary
+
+
+def test_the_saved_ensemble_averages_its_members_predictions(mixed):
+    models, summary = mixed
+    assert summary["head"] == "ensemble" and 0 <= summary["val_macro_f1"] <= 1
+    meta = json.loads((models / "ensemble" / "head.json").read_text())
+    assert meta["family"] == "ensemble" and meta["init_args"]["members"] == WEIGHTS
+    assert sorted(p.name for p in (models / "ensemble" / "members").iterdir()) == sorted(WEIGHTS)
+    assert not (models / "ensemble" / "members" / "gated" / "predictions.npz").exists()
+    saved = _npz(models / "ensemble" / "predictions.npz")
+    for key in ("val_proba", "test_proba", "test_proba_missing_text", "test_proba_missing_image"):
+        mix = sum(w * _npz(models / n / "predictions.npz")[key] for n, w in WEIGHTS.items())
+        np.testing.assert_allclose(saved[key], mix, atol=1e-6)
+    np.testing.assert_array_equal(saved["test_ids"], _npz(models / "gated" / "predictions.npz")["test_ids"])
+
+
+def test_served_from_raw_rows_as_training_predicted(mixed, tiny_run, tiny_test_rows, tmp_path):
+    models, _ = mixed
+    model = FusedModel.load(save_model_dir(models, "ensemble", tiny_run["cfg"].encoders, tmp_path / "m"))
+    assert isinstance(model, EnsembleFusedModel) and set(model.parts) == {"frozen", "cnn_rnn", "finetuned"}
+    rows = tiny_test_rows(6)
+    pred = _npz(models / "ensemble" / "predictions.npz")
+    order = [list(pred["test_ids"]).index(i) for i in rows["id"]]
+    images = [Path(p).read_bytes() for p in rows["image"]]
+    texts = rows["text"].tolist()
+    # The fine-tuned member runs in bf16 on a CPU (as in its own serving test: 2e-3); a quarter of its weight here.
+    out = model.predict(pd.DataFrame({"image_bytes": images, "text": texts}))
+    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), pred["test_proba"][order], atol=1e-3)
+    np.testing.assert_allclose(model.predict_proba(images, None), pred["test_proba_missing_text"][order], atol=1e-3)
+    np.testing.assert_allclose(model.predict_proba(None, texts), pred["test_proba_missing_image"][order], atol=1e-3)
+    explained = model.predict(pd.DataFrame({"image_bytes": images[:2], "text": texts[:2]}), attribution=True)
+    assert list(explained.columns)[-2:] == ["attr_image", "attr_text"]
+    assert np.isfinite(explained[["attr_image", "attr_text"]].to_numpy()).all()
+    with pytest.raises(PredictionInputError, match="row 0: no image and no text"):
+        model.predict_proba([None], ["  "])
+    with pytest.raises(PredictionInputError, match="not a decodable image"):
+        model.predict_proba([b"not an image"], ["text"])
+    with pytest.raises(TypeError, match="word pieces or pixels"):
+        model.proba_from_features(np.zeros((1, 4)), np.zeros((1, 4)))
+
+
+def test_registered_ensemble_serves_the_pyfunc_and_predict(mixed, tiny_run, tmp_path, mlflow_store):
+    from crossmodal.pipeline.predict import predict_manifest
+    from crossmodal.registry.drift_artifact import log_drift_reference
+
+    models, _ = mixed
+    cfg = tiny_run["cfg"].model_copy(deep=True)
+    cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root = mlflow_store, str(tmp_path / "artifacts")
+    frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
+    test = frame[frame["split"] == "test"]
+    with mlflow.start_run() as run:
+        info = log_model(models, "ensemble", cfg, test)
+    log_drift_reference(cfg, tiny_run["validated_dir"], run.info.run_id)
+    version = mlflow.register_model(info.model_uri, cfg.mlflow.model_name,
+                                    tags={"crossmodal.run_id": run.info.run_id}).version
+    pred = _npz(models / "ensemble" / "predictions.npz")
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    head = test.head(3)
+    out = served.predict(pd.DataFrame({"image_bytes": [Path(p).read_bytes() for p in head["image"]],
+                                       "text": head["text"].tolist()}))
+    order = [list(pred["test_ids"]).index(i) for i in head["id"]]
+    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), pred["test_proba"][order], atol=1e-3)
+
+    summary = predict_manifest(cfg, tiny_run["manifest"], tmp_path / "p.parquet", version=version, progress=False)
+    assert summary["model"]["head"] == "ensemble"
+    kept = summary["rows"]["predicted"]
+    assert kept >= len(frame) and summary["rows"]["in"] == kept + summary["rows"]["refused"]
+    for kind in ("image", "text"):  # the frozen encoders' embeddings: the drift reference's space
+        assert summary["drift"][kind]["n"] == kept and not summary["drift"][kind]["drifted"]
+    predicted = pd.read_parquet(tmp_path / "p.parquet").set_index("id").loc[list(pred["test_ids"])]
+    np.testing.assert_allclose(predicted.filter(like="prob_").to_numpy(), pred["test_proba"], atol=1e-3)
+
