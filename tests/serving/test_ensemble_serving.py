@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import mlflow
 from crossmodal.errors import PredictionInputError
 from crossmodal.serving.fused_model import EnsembleFusedModel, FusedModel
-from crossmodal.serving.package import log_model, save_model_dir
+from crossmodal.serving.package import save_model_dir
 from crossmodal.training.ensemble import save_model_ensemble
 
 WEIGHTS = {"gated": 0.5, "cnn_rnn": 0.25, "finetune_xattn": 0.25}
@@ -78,34 +77,5 @@ def test_served_from_raw_rows_as_training_predicted(mixed, tiny_run, tiny_test_r
         model.proba_from_features(np.zeros((1, 4)), np.zeros((1, 4)))
 
 
-def test_registered_ensemble_serves_the_pyfunc_and_predict(mixed, tiny_run, tmp_path, mlflow_store):
-    from crossmodal.pipeline.predict import predict_manifest
-    from crossmodal.registry.drift_artifact import log_drift_reference
-
-    models, _ = mixed
-    cfg = tiny_run["cfg"].model_copy(deep=True)
-    cfg.mlflow.tracking_uri, cfg.mlflow.artifact_root = mlflow_store, str(tmp_path / "artifacts")
-    frame = pd.read_parquet(tiny_run["validated_dir"] / "validated.parquet")
-    test = frame[frame["split"] == "test"]
-    with mlflow.start_run() as run:
-        info = log_model(models, "ensemble", cfg, test)
-    log_drift_reference(cfg, tiny_run["validated_dir"], run.info.run_id)
-    version = mlflow.register_model(info.model_uri, cfg.mlflow.model_name,
-                                    tags={"crossmodal.run_id": run.info.run_id}).version
-    pred = _npz(models / "ensemble" / "predictions.npz")
-    served = mlflow.pyfunc.load_model(info.model_uri)
-    head = test.head(3)
-    out = served.predict(pd.DataFrame({"image_bytes": [Path(p).read_bytes() for p in head["image"]],
-                                       "text": head["text"].tolist()}))
-    order = [list(pred["test_ids"]).index(i) for i in head["id"]]
-    np.testing.assert_allclose(out.filter(like="prob_").to_numpy(), pred["test_proba"][order], atol=1e-3)
-
-    summary = predict_manifest(cfg, tiny_run["manifest"], tmp_path / "p.parquet", version=version, progress=False)
-    assert summary["model"]["head"] == "ensemble"
-    kept = summary["rows"]["predicted"]
-    assert kept >= len(frame) and summary["rows"]["in"] == kept + summary["rows"]["refused"]
-    for kind in ("image", "text"):  # the frozen encoders' embeddings: the drift reference's space
-        assert summary["drift"][kind]["n"] == kept and not summary["drift"][kind]["drifted"]
-    predicted = pd.read_parquet(tmp_path / "p.parquet").set_index("id").loc[list(pred["test_ids"])]
-    np.testing.assert_allclose(predicted.filter(like="prob_").to_numpy(), pred["test_proba"], atol=1e-3)
-
+def test_registered_ensemble_serves_the_pyfunc_and_predict(mixed, serves_as_trained):
+    serves_as_trained(mixed[0], "ensemble", atol=1e-3)
