@@ -38,6 +38,24 @@ def mixed(tiny_run, tmp_path_factory):
     return models, summary
 
 
+def test_an_ensemble_without_frozen_members_embeds_for_drift_alone(tiny_run, tiny_test_rows, tmp_path):
+    models = tmp_path / "models"
+    weights = {"cnn_rnn": 0.5, "finetune_xattn": 0.5}
+    for name in weights:
+        shutil.copytree(tiny_run["models"] / name, models / name)
+    shutil.copy(tiny_run["models"] / "labels.json", models / "labels.json")
+    save_model_ensemble(models, weights, [{"epoch": 1}], json.loads((models / "labels.json").read_text()),
+                        tiny_run["cfg"].train, 0.1)
+    model = FusedModel.load(save_model_dir(models, "ensemble", tiny_run["cfg"].encoders, tmp_path / "m"))
+    assert set(model.parts) == {"cnn_rnn", "finetuned"}
+    rows = tiny_test_rows(4)
+    pred = _npz(models / "ensemble" / "predictions.npz")
+    order = [list(pred["test_ids"]).index(i) for i in rows["id"]]
+    proba, _, img, txt = model.score(rows["image"].tolist(), rows["text"].tolist(), embeddings=True)
+    np.testing.assert_allclose(proba, pred["test_proba"][order], atol=1e-3)
+    assert img.shape == (4, model.extractor.image_dim) and txt.shape == (4, model.extractor.text_dim)
+
+
 def test_the_saved_ensemble_averages_its_members_predictions(mixed):
     models, summary = mixed
     assert summary["head"] == "ensemble" and 0 <= summary["val_macro_f1"] <= 1
