@@ -246,6 +246,22 @@ def _is_null(value: Any) -> bool:
     return isinstance(value, float) and value != value
 
 
+def present_rows(images: list | None, texts: list | None) -> tuple[list, list]:
+    """Rows as lists, None for an absent image or text (an empty text is absent); PredictionInputError for a row
+    with neither or for lists of different lengths."""
+    from crossmodal.data.text import clean_text
+
+    n = len(images) if images is not None else len(texts) if texts is not None else 0
+    images = [None if is_absent(x) else x for x in images] if images is not None else [None] * n
+    texts = [None if is_absent(t) else t for t in texts] if texts is not None else [None] * n
+    if len(images) != len(texts):
+        raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
+    for i, (img, txt) in enumerate(zip(images, texts)):
+        if img is None and (txt is None or not clean_text(txt)):
+            raise PredictionInputError(f"row {i}: no image and no text; give at least one")
+    return images, [t if t is not None and clean_text(t) else None for t in texts]
+
+
 class FinetunedFusedModel(FusedModel):
     """The fine-tuned cross-attention model (``crossmodal.heads.xattn``): its own tuned encoders, raw inputs in.
 
@@ -358,20 +374,6 @@ class CnnRnnFusedModel(FusedModel):
         return cls(head, extractor, spec["labels"], spec.get("head", ""), spec.get("temperature", 1.0),
                    allowed_image_root or spec.get("allowed_image_root"))
 
-    def _rows(self, images, texts) -> tuple[list, list]:
-        """Rows as lists, None for an absent image or text; PredictionInputError for a row with neither."""
-        from crossmodal.data.text import clean_text
-
-        n = len(images) if images is not None else len(texts) if texts is not None else 0
-        images = [None if is_absent(x) else x for x in images] if images is not None else [None] * n
-        texts = [None if is_absent(t) else t for t in texts] if texts is not None else [None] * n
-        if len(images) != len(texts):
-            raise PredictionInputError(f"{len(images)} images but {len(texts)} texts; give one of each per row")
-        for i, (img, txt) in enumerate(zip(images, texts)):
-            if img is None and (txt is None or not clean_text(txt)):
-                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
-        return images, [t if t is not None and clean_text(t) else None for t in texts]
-
     def image_features(self, images: list) -> np.ndarray:
         """The image encoder's features (N, image_dim), all-NaN rows where ``images[k]`` is None."""
         from crossmodal.data.images import ImageError
@@ -402,7 +404,7 @@ class CnnRnnFusedModel(FusedModel):
         the two embeddings only with ``embeddings`` (None otherwise), images encoded once for all of it."""
         from crossmodal.heads.cnn_rnn import tokenize
 
-        images, texts = self._rows(images, texts)
+        images, texts = present_rows(images, texts)
         img = self.image_features(images)
         ids, mask = tokenize(self.tokenizer, texts, self.head.init_args["max_length"])
         proba = self.proba_from_inputs(img, ids, mask)
@@ -515,16 +517,11 @@ class EnsembleFusedModel(FusedModel):
                                                   np.ndarray | None]:
         """(probabilities, attribution columns (empty unless ``attribution``), image and text embeddings (None
         unless ``embeddings``)); every image through the frozen encoder once for all of it."""
-        from crossmodal.data.text import clean_text
         from crossmodal.heads.inference import without
 
+        images, texts = present_rows(images, texts)
         img, txt = self.features(images, texts)
         n = len(img)
-        images = [None] * n if images is None else [None if is_absent(x) else x for x in images]
-        texts = [None] * n if texts is None else [None if is_absent(t) or not clean_text(t) else t for t in texts]
-        for i in range(n):
-            if images[i] is None and texts[i] is None:
-                raise PredictionInputError(f"row {i}: no image and no text; give at least one")
         proba = self._calibrated(self._mix(images, texts, img, txt))
         extra: dict[str, np.ndarray] = {}
         if attribution:
