@@ -174,3 +174,40 @@ def test_load_head_errors_name_the_file(tmp_path):
     (tmp_path / "h" / "head.json").write_text(json.dumps(meta))
     with pytest.raises(TrainError, match="does not match"):
         load_head(tmp_path / "h")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "log_mean"])
+def test_an_ensemble_pools_its_members_at_their_temperatures_and_reloads(pooling, tmp_path):
+    from crossmodal.heads.averaged import pool_probabilities
+    from crossmodal.heads.registry import ensemble_of
+
+    torch.manual_seed(0)
+    members = [build_head(n, 5, 4, 3, hidden_dim=8).eval() for n in ("concat", "gated")]
+    image, text = torch.randn(6, 5), torch.randn(6, 4)
+    weights, temperatures = [0.25, 0.75], [2.0, 0.5]
+    head = ensemble_of(members, weights, temperatures, pooling)
+    with torch.no_grad():
+        probas = [torch.softmax(m(image, text), 1).double().numpy() for m in members]
+        got = torch.softmax(head(image, text), 1).numpy()
+    tempered = [p ** (1 / t) / (p ** (1 / t)).sum(1, keepdims=True) for p, t in zip(probas, temperatures)]
+    if pooling == "mean":
+        expected = sum(w * p for w, p in zip(weights, tempered))
+    else:
+        expected = np.prod([p ** w for w, p in zip(weights, tempered)], axis=0)
+        expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(pool_probabilities(probas, weights, temperatures, pooling), expected, atol=1e-5)
+    save_head(head, tmp_path / "ensemble", {})
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.softmax(load_head(tmp_path / "ensemble")(image, text), 1).numpy(), got,
+                                   atol=1e-6)
+
+
+def test_an_ensemble_saved_without_a_pooling_is_the_plain_average():
+    # What ensembles saved before temperatures and pooling were recorded hold: members and weights only.
+    torch.manual_seed(1)
+    members = [build_head(n, 5, 4, 3, hidden_dim=8).eval() for n in ("concat", "late")]
+    head = build_head("ensemble", 5, 4, 3, members=[m.init_args for m in members], weights=[0.5, 0.5])
+    assert head.init_args["pooling"] == "mean" and head.init_args["temperatures"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown pooling"):
+        build_head("ensemble", 5, 4, 3, members=[m.init_args for m in members], weights=[0.5, 0.5], pooling="max")

@@ -1,5 +1,5 @@
 """An ensemble whose members read other inputs than the frozen features (``train.ensemble.pool: all``): saved with
-its members' folders, its predictions the weighted average of theirs; served from raw rows
+its members' folders, its predictions theirs pooled (each at its temperature); served from raw rows
 (crossmodal.serving.fused_model.EnsembleFusedModel) as training predicted them, as the registered pyfunc, and by
 ``crossmodal predict`` with drift in the frozen encoders' space."""
 
@@ -14,9 +14,11 @@ import pytest
 from crossmodal.errors import PredictionInputError
 from crossmodal.serving.fused_model import EnsembleFusedModel, FusedModel
 from crossmodal.serving.package import save_model_dir
-from crossmodal.training.ensemble import save_model_ensemble
+from crossmodal.training.ensemble import EnsembleChoice, save_model_ensemble
 
 WEIGHTS = {"gated": 0.5, "cnn_rnn": 0.25, "finetune_xattn": 0.25}
+# Temperatures other than 1 on each kind of member, so serving must apply each one where training did.
+CHOICE = EnsembleChoice(WEIGHTS, {"gated": 1.6, "cnn_rnn": 0.7, "finetune_xattn": 1.3}, "log_mean")
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -33,7 +35,7 @@ def mixed(tiny_run, tmp_path_factory):
         shutil.copytree(tiny_run["models"] / name, models / name)
     shutil.copy(tiny_run["models"] / "labels.json", models / "labels.json")
     labels = json.loads((models / "labels.json").read_text())
-    summary = save_model_ensemble(models, WEIGHTS, [{"epoch": 1, "members": WEIGHTS}], labels, tiny_run["cfg"].train,
+    summary = save_model_ensemble(models, CHOICE, [{"epoch": 1, "members": WEIGHTS}], labels, tiny_run["cfg"].train,
                                   0.5)
     return models, summary
 
@@ -44,7 +46,8 @@ def test_an_ensemble_without_frozen_members_embeds_for_drift_alone(tiny_run, tin
     for name in weights:
         shutil.copytree(tiny_run["models"] / name, models / name)
     shutil.copy(tiny_run["models"] / "labels.json", models / "labels.json")
-    save_model_ensemble(models, weights, [{"epoch": 1}], json.loads((models / "labels.json").read_text()),
+    choice = EnsembleChoice(weights, {"cnn_rnn": 1.0, "finetune_xattn": 1.0})  # the plain mean (greedy's mix)
+    save_model_ensemble(models, choice, [{"epoch": 1}], json.loads((models / "labels.json").read_text()),
                         tiny_run["cfg"].train, 0.1)
     model = FusedModel.load(save_model_dir(models, "ensemble", tiny_run["cfg"].encoders, tmp_path / "m"))
     assert set(model.parts) == {"cnn_rnn", "finetuned"}
@@ -56,17 +59,27 @@ def test_an_ensemble_without_frozen_members_embeds_for_drift_alone(tiny_run, tin
     assert img.shape == (4, model.extractor.image_dim) and txt.shape == (4, model.extractor.text_dim)
 
 
-def test_the_saved_ensemble_averages_its_members_predictions(mixed):
+def _geometric_mix(models: Path, key: str) -> np.ndarray:
+    """The weighted geometric mean of the members' probabilities, each at its temperature, normalised per row (an
+    underflowed float32 probability read as the smallest float32)."""
+    tiny = np.finfo(np.float32).tiny
+    log = sum(w / CHOICE.temperatures[n] * np.log(np.maximum(_npz(models / n / "predictions.npz")[key], tiny))
+              for n, w in WEIGHTS.items())
+    mix = np.exp(log - log.max(axis=1, keepdims=True))
+    return mix / mix.sum(axis=1, keepdims=True)
+
+
+def test_the_saved_ensemble_pools_its_members_predictions(mixed):
     models, summary = mixed
     assert summary["head"] == "ensemble" and 0 <= summary["val_macro_f1"] <= 1
     meta = json.loads((models / "ensemble" / "head.json").read_text())
     assert meta["family"] == "ensemble" and meta["init_args"]["members"] == WEIGHTS
+    assert meta["init_args"]["temperatures"] == CHOICE.temperatures and meta["init_args"]["pooling"] == "log_mean"
     assert sorted(p.name for p in (models / "ensemble" / "members").iterdir()) == sorted(WEIGHTS)
     assert not (models / "ensemble" / "members" / "gated" / "predictions.npz").exists()
     saved = _npz(models / "ensemble" / "predictions.npz")
     for key in ("val_proba", "test_proba", "test_proba_missing_text", "test_proba_missing_image"):
-        mix = sum(w * _npz(models / n / "predictions.npz")[key] for n, w in WEIGHTS.items())
-        np.testing.assert_allclose(saved[key], mix, atol=1e-6)
+        np.testing.assert_allclose(saved[key], _geometric_mix(models, key), atol=1e-5)
     np.testing.assert_array_equal(saved["test_ids"], _npz(models / "gated" / "predictions.npz")["test_ids"])
 
 

@@ -12,7 +12,7 @@ from crossmodal.errors import TrainError
 from crossmodal.evaluation.evaluate import evaluate_all
 from crossmodal.heads.files import load_head
 from crossmodal.heads.inference import predict_proba
-from crossmodal.training.dataset import SplitFeatures
+from crossmodal.training.dataset import SplitFeatures, load_split_features
 from crossmodal.training.ensemble import select_members, within_se_members
 from crossmodal.training.linear_probe import train_linear_probe
 from crossmodal.training.tasks import plan_training
@@ -138,11 +138,18 @@ def test_ensemble_is_built_from_the_trained_heads_and_saved_like_any_head(ensemb
     assert {n for n, c in candidates.items() if c["kept"]} == set(members)
     assert len(set(members.values())) == 1  # equal weights
     assert metrics["heads"]["ensemble"]["selection"] == candidates
-    # The loaded head's probabilities are the members' saved ones averaged with its weights.
+    # The kept heads are pooled as they were judged: each at its own temperature, by their geometric mean.
+    temperatures = meta["history"][-1]["temperatures"]
+    assert temperatures == {n: candidates[n]["temperature"] for n in members}
     head = load_head(root / "models" / "ensemble")
+    assert head.init_args["pooling"] == "log_mean" and head.init_args["temperatures"] == list(temperatures.values())
     npz = np.load(root / "models" / "ensemble" / "predictions.npz")
-    mix = sum(w * np.load(root / "models" / n / "predictions.npz")["test_proba"] for n, w in members.items())
-    np.testing.assert_allclose(npz["test_proba"], mix, atol=1e-5)
+    log = sum(w / temperatures[n] * np.log(np.load(root / "models" / n / "predictions.npz")["test_proba"])
+              for n, w in members.items())
+    mix = np.exp(log - log.max(1, keepdims=True))
+    np.testing.assert_allclose(npz["test_proba"], mix / mix.sum(1, keepdims=True), atol=1e-5)
+    data, _ = load_split_features(root / "in" / "validated.parquet", root / "in" / "image.npy", root / "in" / "text.npy")
+    np.testing.assert_allclose(predict_proba(head, data.image["test"], data.text["test"]), npz["test_proba"], atol=1e-5)
     assert head.init_args["name"] == "ensemble"
     assert metrics["registered_head"] == "ensemble" and metrics["best_fusion"] == "ensemble"
     assert metrics["heads"]["linear_probe"]["family"] == "baseline"
@@ -180,6 +187,13 @@ def test_only_greedy_weights_keep_the_ensemble_at_t_1(ensemble_run, tmp_path, wr
     greedy = evaluate_all(tmp_path / "models", tmp_path / "reports")["heads"]["ensemble"]
     assert greedy["calibration"]["reason"] == GREEDY_REASON and greedy["temperature"] == 1.0
     assert "selection" not in greedy and sum(greedy["members"].values()) == pytest.approx(1)
+    # Its weights were fitted to the plain average of the members as they are: that stays its mix.
+    head = load_head(tmp_path / "models" / "ensemble")
+    assert head.init_args["pooling"] == "mean" and set(head.init_args["temperatures"]) == {1.0}
+    mix = sum(w * np.load(tmp_path / "models" / n / "predictions.npz")["test_proba"]
+              for n, w in greedy["members"].items())
+    np.testing.assert_allclose(np.load(tmp_path / "models" / "ensemble" / "predictions.npz")["test_proba"], mix,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("pool", ["all", "frozen"])

@@ -68,14 +68,19 @@ def build_head(
 
     ``extra`` holds a head's own arguments beyond the shared ones (e.g. stacking's ``meta``). Averaged heads
     (``crossmodal.heads.averaged``): ``seeds=K`` rebuilds K copies of head ``name`` bagged with equal weights;
-    ``name="ensemble"`` with ``members`` (their init_args) and ``weights`` rebuilds an ensemble.
+    ``name="ensemble"`` with ``members`` (their init_args), ``weights`` and optionally ``temperatures`` and
+    ``pooling`` rebuilds an ensemble.
     """
     if name == "ensemble":
         members = [build_head(**args) for args in extra["members"]]
+        # Ensembles saved before member temperatures and pooling were recorded are mean-pooled at T = 1.
+        temperatures = [float(t) for t in extra.get("temperatures") or [1.0] * len(members)]
+        pooling = extra.get("pooling", "mean")
         return AveragedHead(members, list(extra["weights"]), {
             "name": name, "image_dim": int(image_dim), "text_dim": int(text_dim), "num_classes": int(num_classes),
             "hidden_dim": int(hidden_dim or 0), "dropout": float(dropout or 0.0),
-            "members": list(extra["members"]), "weights": [float(w) for w in extra["weights"]]})
+            "members": list(extra["members"]), "weights": [float(w) for w in extra["weights"]],
+            "temperatures": temperatures, "pooling": pooling}, temperatures, pooling)
     seeds = int(extra.pop("seeds", 1))
     if seeds > 1:
         members = [build_head(name, image_dim, text_dim, num_classes, cfg, hidden_dim=hidden_dim, dropout=dropout,
@@ -95,12 +100,15 @@ def build_head(
     return HEADS[name](image_dim, text_dim, num_classes, hidden_dim=hidden_dim, dropout=dropout, **extra)
 
 
-def ensemble_of(heads: list[nn.Module], weights: list[float]) -> nn.Module:
-    """The ``ensemble`` head averaging trained heads on the frozen features with ``weights``, their trained state
-    copied in (what :func:`build_head` rebuilds from the saved init_args); in eval mode."""
+def ensemble_of(heads: list[nn.Module], weights: list[float], temperatures: list[float] | None = None,
+                pooling: str = "mean") -> nn.Module:
+    """The ``ensemble`` head pooling trained heads on the frozen features with ``weights``, each at its temperature
+    (``crossmodal.heads.averaged``), their trained state copied in (what :func:`build_head` rebuilds from the saved
+    init_args); in eval mode."""
     first = heads[0].init_args
     head = build_head("ensemble", first["image_dim"], first["text_dim"], first["num_classes"], hidden_dim=0,
-                      dropout=0.0, members=[h.init_args for h in heads], weights=list(weights))
+                      dropout=0.0, members=[h.init_args for h in heads], weights=list(weights),
+                      temperatures=temperatures, pooling=pooling)
     head.load_state_dict({f"members.{i}.{k}": v for i, h in enumerate(heads) for k, v in h.state_dict().items()}
                          | {"log_weights": head.log_weights}, strict=True)
     return head.eval()

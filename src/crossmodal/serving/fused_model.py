@@ -438,15 +438,20 @@ class EnsembleFusedModel(FusedModel):
 
     The frozen-feature members are one averaged head on the shared encoders; ``cnn_rnn`` reads the same image
     features and the text encoder's word pieces (each image encoded once for both); ``finetune_xattn`` runs its own
-    tuned encoders. Each member predicts uncalibrated, as in training's predictions, and the weighted average then
-    takes the ensemble's temperature. :meth:`features` gives the frozen embeddings (``crossmodal predict``'s drift
+    tuned encoders. Each member predicts uncalibrated, as in training's predictions; they are pooled as training
+    pooled them (``init_args``: weights, member temperatures, pooling; ``crossmodal.heads.averaged``), and the pool
+    then takes the ensemble's temperature. :meth:`features` gives the frozen embeddings (``crossmodal predict``'s drift
     space); :meth:`score` returns them with the probabilities.
     """
 
-    def __init__(self, parts: dict[str, tuple[FusedModel, float]], extractor, labels: list[str],
-                 head_name: str = "", temperature: float = 1.0, allowed_image_root: str | None = None):
+    def __init__(self, parts: dict[str, tuple[FusedModel, float, float]], extractor, labels: list[str],
+                 head_name: str = "", temperature: float = 1.0, allowed_image_root: str | None = None,
+                 pooling: str = "mean"):
         self._serving_options(temperature, allowed_image_root)
-        self.parts = parts  # {"frozen" | "cnn_rnn" | "finetuned": (model, weight)}, weights summing to 1
+        # {"frozen" | "cnn_rnn" | "finetuned": (model, weight, member temperature)}, weights summing to 1; the
+        # frozen part applies its members' temperatures itself (its own is 1).
+        self.parts = parts
+        self.pooling = pooling
         self.labels, self.head_name = list(labels), head_name
         self.extractor = extractor
         frozen = parts.get("frozen")
@@ -465,24 +470,28 @@ class EnsembleFusedModel(FusedModel):
         spec = json.loads((directory / MODEL_FILE).read_text())
         encoders = EncodersConfig.model_validate(spec["encoders"])
         members_dir = directory / HEAD_DIR / MEMBERS_DIR
-        weights = json.loads((directory / HEAD_DIR / HEAD_FILE).read_text())["init_args"]["members"]
+        mix = json.loads((directory / HEAD_DIR / HEAD_FILE).read_text())["init_args"]
+        weights, pooling = mix["members"], mix.get("pooling", "mean")  # saved before pooling was recorded: mean, T = 1
+        temperatures = {n: float(mix.get("temperatures", {}).get(n, 1.0)) for n in weights}
         extractor = FeatureExtractor(encoders, max_pixels=spec.get("max_image_pixels"))
         labels, pixels = spec["labels"], spec.get("max_image_pixels")
-        parts: dict[str, tuple[FusedModel, float]] = {}
-        frozen = {n: w for n, w in weights.items() if n not in RNN_HEADS and n not in FINETUNED_HEADS}
+        parts: dict[str, tuple[FusedModel, float, float]] = {}
+        frozen = [n for n in weights if n not in RNN_HEADS and n not in FINETUNED_HEADS]
         if frozen:
-            head = ensemble_of([load_head(members_dir / n) for n in frozen], list(frozen.values()))
+            head = ensemble_of([load_head(members_dir / n) for n in frozen], [weights[n] for n in frozen],
+                               [temperatures[n] for n in frozen], pooling)
             parts["frozen"] = (FusedModel(head, labels, encoders, "ensemble", pixels, extractor=extractor),
-                               sum(frozen.values()))
+                               sum(weights[n] for n in frozen), 1.0)
         for name, weight in weights.items():
             if name in RNN_HEADS:
                 parts["cnn_rnn"] = (CnnRnnFusedModel(load_cnn_rnn(members_dir / name, extractor.text_encoder),
-                                                     extractor, labels, name), weight)
+                                                     extractor, labels, name), weight, temperatures[name])
             elif name in FINETUNED_HEADS:
                 network, _ = load_finetuned(members_dir / name, resolve_device(encoders.device))
-                parts["finetuned"] = (FinetunedFusedModel(network, labels, encoders, name, pixels), weight)
+                parts["finetuned"] = (FinetunedFusedModel(network, labels, encoders, name, pixels), weight,
+                                      temperatures[name])
         return cls(parts, extractor, labels, spec.get("head", ""), spec.get("temperature", 1.0),
-                   allowed_image_root or spec.get("allowed_image_root"))
+                   allowed_image_root or spec.get("allowed_image_root"), pooling)
 
     @property
     def has_gates(self) -> bool:
@@ -496,12 +505,14 @@ class EnsembleFusedModel(FusedModel):
                         "predict_proba(images, texts) or score(images, texts)")
 
     def _mix(self, images: list, texts: list, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
-        """The members' weighted average (uncalibrated) of rows whose frozen embeddings are ``img`` / ``txt``."""
+        """The members pooled (before the ensemble's temperature) on rows whose frozen embeddings are ``img`` /
+        ``txt``."""
+        from crossmodal.heads.averaged import pool_probabilities
         from crossmodal.heads.cnn_rnn import tokenize
         from crossmodal.heads.inference import predict_proba
 
-        total = np.zeros((len(images), len(self.labels)), dtype=np.float64)
-        for kind, (model, weight) in self.parts.items():
+        probas, weights, temperatures = [], [], []
+        for kind, (model, weight, temperature) in self.parts.items():
             if kind == "frozen":
                 proba = predict_proba(model.head, img, txt)
             elif kind == "cnn_rnn":
@@ -509,8 +520,8 @@ class EnsembleFusedModel(FusedModel):
                 proba = model.proba_from_inputs(img, ids, mask)
             else:
                 proba = model.predict_proba(images, texts)
-            total += weight * proba
-        return total.astype(np.float32)
+            probas.append(proba), weights.append(weight), temperatures.append(temperature)
+        return pool_probabilities(probas, weights, temperatures, self.pooling)
 
     def score(self, images: list | None, texts: list | None, attribution: bool = False,
               embeddings: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None,

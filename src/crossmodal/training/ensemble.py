@@ -3,20 +3,24 @@
     from crossmodal.training.ensemble import choose_ensemble, select_members, within_se_members
     counts, record = within_se_members({"concat": p1, "late": p2}, y_val, groups_val)       # {"concat": 1, "late": 1}
     counts = select_members({"concat": p1, "late": p2}, y_val, rounds=30, metric="log_loss")   # {"concat": 18, ...}
-    weights, history = choose_ensemble("work/models", ["concat", "late", "cnn_rnn"], data, cfg.train)
+    choice, history = choose_ensemble("work/models", ["concat", "late", "cnn_rnn"], data, cfg.train)
+    proba = choice.pool({"concat": p1, "late": p2, "cnn_rnn": p3})                          # the ensemble's
 
-Two selections (``train.ensemble.selection``):
+Two selections (``train.ensemble.selection``), each with its own mix (an :class:`EnsembleChoice`):
 
 - ``within_se`` (the default) keeps, with equal weights, every head whose validation log-loss (after the head's
   own temperature) is within ``width`` standard errors of the best head's, the error being that of the paired
   per-row gap with rows summed by split unit. Every head stopped early on these same rows, so their validation
   scores carry selection noise of different sizes; weights fitted to those scores follow the noise, and equal
-  weights over the heads the rows cannot tell apart do not.
+  weights over the heads the rows cannot tell apart do not. The kept heads are pooled as they were judged, each
+  at that temperature, by their geometric mean (``log_mean``, ``crossmodal.heads.averaged``): the average of
+  uncalibrated members let an over-confident member outvote the others, and was both less accurate and less
+  calibrated on test (figures in docs/heads.md).
 - ``greedy`` is ensemble selection with replacement (Caruana et al. 2004): start from the single best head on
   validation and then, ``rounds`` times, add the head (any head again included) whose addition gives the best
   validation score of the averaged probabilities; a head's weight is its share of the picks. ``metric`` log_loss
   moves with every row and is far less noisy on a few hundred validation rows than macro-F1, which only moves
-  when an argmax flips.
+  when an argmax flips. The weights were fitted to that plain average, so it is the greedy ensemble's mix (T = 1).
 
 Candidates are the run's heads on frozen features (``crossmodal.heads``) and, with ``train.ensemble.pool: all``
 (the default), its ``cnn_rnn`` and ``finetune_xattn``: heads that see the rows through other inputs (word pieces,
@@ -28,6 +32,7 @@ the served model runs each on its own inputs (``crossmodal.serving.fused_model.E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,27 @@ import numpy as np
 from crossmodal.errors import TrainError
 
 EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class EnsembleChoice:
+    """The ensemble's members and how they are pooled: ``weights`` summing to 1, each member's ``temperatures``, and
+    the ``pooling`` (``crossmodal.heads.averaged.POOLINGS``)."""
+
+    weights: dict[str, float]
+    temperatures: dict[str, float]
+    pooling: str = "mean"
+
+    def pool(self, probas: dict[str, np.ndarray]) -> np.ndarray:
+        """The ensemble's probabilities from its members' (``probas`` by name; others are ignored)."""
+        from crossmodal.heads.averaged import pool_probabilities
+
+        return pool_probabilities([probas[n] for n in self.weights], list(self.weights.values()),
+                                  [self.temperatures[n] for n in self.weights], self.pooling)
+
+    def init_args(self) -> dict:
+        """What a saved ensemble records of its mix (``head.json``), which the served model pools by."""
+        return {"members": dict(self.weights), "temperatures": dict(self.temperatures), "pooling": self.pooling}
 
 
 def _score(proba: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
@@ -77,7 +103,7 @@ def select_members(val_proba: dict[str, np.ndarray], y: np.ndarray, rounds: int 
 def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: np.ndarray | None = None,
                       width: float = 2.0) -> tuple[dict[str, int], dict[str, dict]]:
     """The heads whose validation log-loss, each after its own temperature, is within ``width`` standard errors of
-    the best head's; each counts once. Returns the counts and, per head, what decided it.
+    the best head's; each counts once. Returns the counts and, per head, what decided it (its temperature too).
 
     The standard error is of the paired per-row difference to the best head, summed within each of ``groups``
     (rows of one unit are not independent evidence: an icon at four sizes, a product's photos) before the
@@ -87,9 +113,10 @@ def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: n
 
     names, y = _candidates(val_proba, y)
     codes = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
-    losses = {}
+    losses, temperatures = {}, {}
     for n in names:
-        p = apply_temperature(val_proba[n], fit_temperature(y, val_proba[n])).astype(np.float64)
+        temperatures[n] = fit_temperature(y, val_proba[n])
+        p = apply_temperature(val_proba[n], temperatures[n]).astype(np.float64)
         losses[n] = -np.log(np.clip(p[np.arange(len(y)), y], EPS, None))
     best = min(names, key=lambda n: (losses[n].mean(), names.index(n)))
     record = {}
@@ -97,15 +124,16 @@ def within_se_members(val_proba: dict[str, np.ndarray], y: np.ndarray, groups: n
         d = losses[n] - losses[best]
         gap = float(d.mean())
         se = float(np.sqrt((np.bincount(codes, weights=d - gap) ** 2).sum()) / len(y))
-        record[n] = {"val_log_loss": float(losses[n].mean()), "gap": gap, "se": se, "kept": gap <= width * se}
+        record[n] = {"val_log_loss": float(losses[n].mean()), "temperature": float(temperatures[n]), "gap": gap,
+                     "se": se, "kept": gap <= width * se}
     return {n: 1 for n in names if record[n]["kept"]}, record
 
 
-def choose_ensemble(models_dir, candidates: list[str], data, cfg) -> tuple[dict[str, float], list[dict]]:
+def choose_ensemble(models_dir, candidates: list[str], data, cfg) -> tuple[EnsembleChoice, list[dict]]:
     """Choose the ensemble on the val rows of ``data`` among the trained heads ``candidates`` under ``models_dir``
-    (their ``predictions.npz`` hold the val probabilities). Returns each member's weight (summing to 1) and a
-    one-record history (the validation score of the chosen mix, the members, and for within_se each candidate's
-    evidence)."""
+    (their ``predictions.npz`` hold the val probabilities). Returns the choice (members' weights summing to 1,
+    their temperatures, the pooling) and a one-record history (the validation score of the chosen mix, the
+    members, and for within_se each candidate's evidence)."""
     from crossmodal.artifacts import PREDICTIONS_FILE
 
     models_dir = Path(models_dir)
@@ -118,37 +146,40 @@ def choose_ensemble(models_dir, candidates: list[str], data, cfg) -> tuple[dict[
             val_proba[name] = npz["val_proba"]
     if cfg.ensemble.selection == "within_se":
         counts, record = within_se_members(val_proba, data.y["val"], data.groups.get("val"), cfg.ensemble.width)
+        temperatures, pooling = {n: record[n]["temperature"] for n in counts}, "log_mean"
     else:
         counts, record = select_members(val_proba, data.y["val"], cfg.ensemble.rounds, cfg.ensemble.metric), None
-    weights = {n: c / sum(counts.values()) for n, c in counts.items()}
-    mix = sum(w * np.asarray(val_proba[n], dtype=np.float64) for n, w in weights.items())
+        temperatures, pooling = {n: 1.0 for n in counts}, "mean"
+    choice = EnsembleChoice({n: c / sum(counts.values()) for n, c in counts.items()}, temperatures, pooling)
+    mix = choice.pool(val_proba).astype(np.float64)
     nll, f1 = _score(mix, data.y["val"], "log_loss")[0], -_score(mix, data.y["val"], "macro_f1")[0]
-    history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None, "members": weights,
-                "selection": cfg.ensemble.selection}]
+    history = [{"epoch": 1, "val_macro_f1": f1, "val_loss": nll, "train_loss": None, "members": choice.weights,
+                "selection": cfg.ensemble.selection, "pooling": pooling, "temperatures": temperatures}]
     if record is not None:
         history[0]["candidates"] = record
-    return weights, history
+    return choice, history
 
 
-def averaged_ensemble(models_dir, weights: dict[str, float]):
+def averaged_ensemble(models_dir, choice: EnsembleChoice):
     """The ensemble of heads on the frozen features (each ``models_dir/<name>``) as one head, in eval mode: saved,
     registered and served like any head, on one pair of encoders."""
     from crossmodal.heads.files import load_head
     from crossmodal.heads.registry import ensemble_of
 
-    return ensemble_of([load_head(Path(models_dir) / n) for n in weights], list(weights.values()))
+    return ensemble_of([load_head(Path(models_dir) / n) for n in choice.weights], list(choice.weights.values()),
+                       [choice.temperatures[n] for n in choice.weights], choice.pooling)
 
 
 PROBA_KEYS = ("val_proba", "test_proba", "test_proba_missing_text", "test_proba_missing_image")
 
 
-def save_model_ensemble(models_dir, weights: dict[str, float], history: list[dict], labels: list[str], cfg,
+def save_model_ensemble(models_dir, choice: EnsembleChoice, history: list[dict], labels: list[str], cfg,
                         seconds: float) -> dict:
     """Write ``models_dir/ensemble/`` for members on other inputs than the frozen features (``cnn_rnn``,
     ``finetune_xattn``; ``train.ensemble.pool: all``): each member's folder under ``members/`` (less its
-    predictions), the weights in ``init_args["members"]``, and ``predictions.npz`` the weighted average of the
-    members' (the served model, ``crossmodal.serving.fused_model.EnsembleFusedModel``, averages the same way).
-    Returns the head's summary."""
+    predictions), the mix in ``init_args`` (``members``: the weights, ``temperatures``, ``pooling``), and
+    ``predictions.npz`` the members' pooled (the served model, ``crossmodal.serving.fused_model.EnsembleFusedModel``,
+    pools the same way). Returns the head's summary."""
     import json
     import shutil
 
@@ -158,7 +189,7 @@ def save_model_ensemble(models_dir, weights: dict[str, float], history: list[dic
 
     models_dir = Path(models_dir)
     saved = {}
-    for name in weights:
+    for name in choice.weights:
         with np.load(models_dir / name / PREDICTIONS_FILE, allow_pickle=False) as npz:
             saved[name] = {k: npz[k] for k in npz.files}
     first = next(iter(saved.values()))
@@ -166,14 +197,14 @@ def save_model_ensemble(models_dir, weights: dict[str, float], history: list[dic
         if not all(np.array_equal(pred[k], first[k]) for k in ("val_ids", "test_ids")):
             raise TrainError(f"{models_dir / name} predicted other rows than {next(iter(saved))}; "
                              "run `crossmodal train` again")
-    mix = {k: sum(w * saved[n][k].astype(np.float64) for n, w in weights.items()).astype(np.float32)
+    mix = {k: choice.pool({n: pred[k] for n, pred in saved.items()})
            for k in PROBA_KEYS if all(k in pred for pred in saved.values())}
     val_metrics = compute_metrics(first["val_y"], mix["val_proba"], labels)
-    meta = {"name": "ensemble", "modality": "fusion", "init_args": {"name": "ensemble", "members": weights},
+    meta = {"name": "ensemble", "modality": "fusion", "init_args": {"name": "ensemble", **choice.init_args()},
             "best_epoch": 1, "epochs_run": 1, "train_seconds": round(seconds, 3), "val_metrics": val_metrics,
             "history": history, "labels": labels, "config": cfg.model_dump(), "family": "ensemble"}
     with atomic_dir(models_dir / "ensemble") as tmp:
-        for name in weights:
+        for name in choice.weights:
             shutil.copytree(models_dir / name, tmp / MEMBERS_DIR / name,
                             ignore=shutil.ignore_patterns(PREDICTIONS_FILE))
         (tmp / HEAD_FILE).write_text(json.dumps(meta, indent=2))

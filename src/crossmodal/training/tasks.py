@@ -232,11 +232,11 @@ def run_training_task(task: dict, job: dict) -> dict:
             from crossmodal.heads.registry import HEADS
             from crossmodal.training.ensemble import averaged_ensemble, choose_ensemble, save_model_ensemble
 
-            weights, history = choose_ensemble(out_dir, task["members"], data, cfg)
-            if not all(n in HEADS for n in weights):  # a member on other inputs: kept beside, not merged
-                return {"name": task["name"], **save_model_ensemble(out_dir, weights, history, labels, cfg,
+            choice, history = choose_ensemble(out_dir, task["members"], data, cfg)
+            if not all(n in HEADS for n in choice.weights):  # a member on other inputs: kept beside, not merged
+                return {"name": task["name"], **save_model_ensemble(out_dir, choice, history, labels, cfg,
                                                                     time.perf_counter() - start)}
-            return {"name": task["name"], **save_trained_head(averaged_ensemble(out_dir, weights), history,
+            return {"name": task["name"], **save_trained_head(averaged_ensemble(out_dir, choice), history,
                                                               time.perf_counter() - start, data, labels, cfg,
                                                               out_dir, family="ensemble")}
         # Only the heads themselves report epochs: a base model of stacking is an internal step of that head.
