@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from crossmodal.evaluation.calibration import (
+    GUARD_HALVINGS,
     apply_temperature,
     fit_temperature,
     guarded_temperature,
@@ -55,7 +56,16 @@ def test_the_guard_keeps_a_temperature_that_helps_on_held_out_rows():
     y, p = synthetic(600, accuracy=0.7, confidence=0.98, seed=0)
     guard = guarded_temperature(y, p)
     assert guard["accepted"] and guard["temperature"] == guard["fitted"] > 1.5
+    assert len(guard["heldout_ece"]) == 2 * GUARD_HALVINGS  # each half of each cut held out once
     assert all(after < before for before, after in guard["heldout_ece"])
+
+
+def test_the_guard_rarely_keeps_a_temperature_for_a_model_already_calibrated():
+    # Right 80 % of the time at confidence 0.8: no T can help, and a T fitted on 300 rows is noise. A single cut
+    # of validation let one in on 12 of 60 such samples; every half of three cuts must agree, so it almost never
+    # passes.
+    kept = [guarded_temperature(*synthetic(300, accuracy=0.8, confidence=0.8, seed=s))["accepted"] for s in range(40)]
+    assert sum(kept) <= 2
 
 
 def test_the_guard_rejects_a_temperature_that_makes_calibration_worse():
