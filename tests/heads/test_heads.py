@@ -211,3 +211,10 @@ def test_an_ensemble_saved_without_a_pooling_is_the_plain_average():
     assert head.init_args["pooling"] == "mean" and head.init_args["temperatures"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="unknown pooling"):
         build_head("ensemble", 5, 4, 3, members=[m.init_args for m in members], weights=[0.5, 0.5], pooling="max")
+    # The same for an ensemble with members on other inputs (its init_args name them with their weights).
+    from crossmodal.heads.averaged import EnsembleChoice
+
+    old = EnsembleChoice.from_init_args({"name": "ensemble", "members": {"gated": 0.5, "cnn_rnn": 0.5}})
+    assert old == EnsembleChoice({"gated": 0.5, "cnn_rnn": 0.5}, {"gated": 1.0, "cnn_rnn": 1.0}, "mean")
+    new = EnsembleChoice({"gated": 0.5, "cnn_rnn": 0.5}, {"gated": 1.4, "cnn_rnn": 0.8}, "log_mean")
+    assert EnsembleChoice.from_init_args(new.init_args()) == new

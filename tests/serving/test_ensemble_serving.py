@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from crossmodal.errors import PredictionInputError
+from crossmodal.heads.averaged import EnsembleChoice
 from crossmodal.serving.fused_model import EnsembleFusedModel, FusedModel
 from crossmodal.serving.package import save_model_dir
-from crossmodal.training.ensemble import EnsembleChoice, save_model_ensemble
+from crossmodal.training.ensemble import save_model_ensemble
 
 WEIGHTS = {"gated": 0.5, "cnn_rnn": 0.25, "finetune_xattn": 0.25}
 # Temperatures other than 1 on each kind of member, so serving must apply each one where training did.

@@ -1,6 +1,6 @@
 """A head that averages the probabilities of several trained heads on the same frozen features, and the one
 definition of how members' probabilities are pooled (:func:`pool_log_proba`, :func:`pool_probabilities`), which
-the ensembles with members on other inputs share.
+the ensembles with members on other inputs share, with their recorded mix (:class:`EnsembleChoice`).
 
 Two uses of the head, one module:
 - seed bagging (``train.seeds: K``): K copies of one head trained from K seeds, equal weights; it keeps the
@@ -24,6 +24,7 @@ still runs one pair of encoders.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,6 +60,34 @@ def pool_probabilities(probas: Sequence[np.ndarray], weights: Sequence[float],
     floor = float(np.finfo(np.float32).tiny)
     logs = torch.from_numpy(np.log(np.clip(np.stack([np.asarray(p, dtype=np.float64) for p in probas]), floor, None)))
     return pool_log_proba(logs, w / w.sum(), t, pooling).exp().numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EnsembleChoice:
+    """An ensemble's members by name and how they are pooled: ``weights`` summing to 1, each member's
+    ``temperatures``, and the ``pooling`` (``POOLINGS``). Chosen by ``crossmodal.training.ensemble``; written into
+    ``head.json`` (:meth:`init_args`) and read back by the served model (:meth:`from_init_args`)."""
+
+    weights: dict[str, float]
+    temperatures: dict[str, float]
+    pooling: str = "mean"
+
+    def pool(self, probas: dict[str, np.ndarray]) -> np.ndarray:
+        """The ensemble's probabilities from its members' (``probas`` by name; others are ignored)."""
+        return pool_probabilities([probas[n] for n in self.weights], list(self.weights.values()),
+                                  [self.temperatures[n] for n in self.weights], self.pooling)
+
+    def init_args(self) -> dict:
+        """What a saved ensemble records of its mix (``head.json``'s ``init_args``)."""
+        return {"members": dict(self.weights), "temperatures": dict(self.temperatures), "pooling": self.pooling}
+
+    @classmethod
+    def from_init_args(cls, args: dict) -> EnsembleChoice:
+        """The mix :meth:`init_args` recorded; an ensemble saved before temperatures and pooling were recorded is
+        the plain average at T = 1."""
+        weights = {n: float(w) for n, w in args["members"].items()}
+        recorded = args.get("temperatures") or {}
+        return cls(weights, {n: float(recorded.get(n, 1.0)) for n in weights}, args.get("pooling", "mean"))
 
 
 class AveragedHead(nn.Module):

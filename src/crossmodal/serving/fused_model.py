@@ -461,6 +461,7 @@ class EnsembleFusedModel(FusedModel):
     def load(cls, directory: str | Path, allowed_image_root: str | None = None) -> EnsembleFusedModel:
         from crossmodal.features.extractor import FeatureExtractor
         from crossmodal.hardware import resolve_device
+        from crossmodal.heads.averaged import EnsembleChoice
         from crossmodal.heads.cnn_rnn import load_cnn_rnn
         from crossmodal.heads.files import load_head
         from crossmodal.heads.registry import ensemble_of
@@ -470,9 +471,8 @@ class EnsembleFusedModel(FusedModel):
         spec = json.loads((directory / MODEL_FILE).read_text())
         encoders = EncodersConfig.model_validate(spec["encoders"])
         members_dir = directory / HEAD_DIR / MEMBERS_DIR
-        mix = json.loads((directory / HEAD_DIR / HEAD_FILE).read_text())["init_args"]
-        weights, pooling = mix["members"], mix.get("pooling", "mean")  # saved before pooling was recorded: mean, T = 1
-        temperatures = {n: float(mix.get("temperatures", {}).get(n, 1.0)) for n in weights}
+        mix = EnsembleChoice.from_init_args(json.loads((directory / HEAD_DIR / HEAD_FILE).read_text())["init_args"])
+        weights, temperatures, pooling = mix.weights, mix.temperatures, mix.pooling
         extractor = FeatureExtractor(encoders, max_pixels=spec.get("max_image_pixels"))
         labels, pixels = spec["labels"], spec.get("max_image_pixels")
         parts: dict[str, tuple[FusedModel, float, float]] = {}

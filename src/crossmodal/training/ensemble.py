@@ -32,35 +32,14 @@ the served model runs each on its own inputs (``crossmodal.serving.fused_model.E
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from crossmodal.errors import TrainError
+from crossmodal.heads.averaged import EnsembleChoice
 
 EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class EnsembleChoice:
-    """The ensemble's members and how they are pooled: ``weights`` summing to 1, each member's ``temperatures``, and
-    the ``pooling`` (``crossmodal.heads.averaged.POOLINGS``)."""
-
-    weights: dict[str, float]
-    temperatures: dict[str, float]
-    pooling: str = "mean"
-
-    def pool(self, probas: dict[str, np.ndarray]) -> np.ndarray:
-        """The ensemble's probabilities from its members' (``probas`` by name; others are ignored)."""
-        from crossmodal.heads.averaged import pool_probabilities
-
-        return pool_probabilities([probas[n] for n in self.weights], list(self.weights.values()),
-                                  [self.temperatures[n] for n in self.weights], self.pooling)
-
-    def init_args(self) -> dict:
-        """What a saved ensemble records of its mix (``head.json``), which the served model pools by."""
-        return {"members": dict(self.weights), "temperatures": dict(self.temperatures), "pooling": self.pooling}
 
 
 def _score(proba: np.ndarray, y: np.ndarray, metric: str) -> tuple[float, float]:
