@@ -36,7 +36,13 @@ def test_run_is_live_with_context_tags_and_epochs_as_they_come(cfg, tmp_path, mo
         assert client.get_run(nested).data.tags["mlflow.parentRunId"] == live.run_id
         import time
 
-        time.sleep(1.0)  # a few system-metric samples
+        # The sampler thread logs every 0.2 s once it is up; on a busy 2-core machine its first sample can take
+        # more than a second, so wait for it (up to 30 s) instead of sleeping a fixed time.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(k.startswith("system/") for k in client.get_run(live.run_id).data.metrics):
+                break
+            time.sleep(0.2)
     run = client.get_run(live.run_id)
     assert run.info.status == "FINISHED"
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
